@@ -1,0 +1,54 @@
+"""The reference solution, read at run time from ``solutions/`` (its only home).
+
+Hidden tests call ``reference("ch01_attention").softmax``. The loader runs the chapter's imports
+cell and its answer cells (solution blocks included) from the source notebook in a fresh
+namespace. It only works where ``solutions/`` exists: the instructor's machine and the grader's
+trusted process. The student's sandbox has no ``solutions/`` to read.
+
+A later chapter that needs an earlier reference (say, attention inside multi-head attention)
+takes it from here too, e.g. ``reference("ch02_masking").scaled_dot_product_attention``,
+rather than keep a second copy.
+"""
+from __future__ import annotations
+
+import os
+import types
+from functools import lru_cache
+from pathlib import Path
+
+import nbformat
+
+from .notebook import is_imports, is_solution, source, strip_magics
+
+#: Where the source notebooks live; the grader points this at its course's source directory.
+ENV_VAR = "AFS_SOLUTIONS_DIR"
+
+
+def solutions_dir() -> Path:
+    default = Path(__file__).resolve().parent.parent / "solutions"
+    return Path(os.environ.get(ENV_VAR, default))
+
+
+class ReferenceUnavailable(RuntimeError):
+    """Raised where the reference solutions are not present (a student's machine, the sandbox)."""
+
+
+@lru_cache(maxsize=None)
+def _load(path: str, mtime: float) -> types.SimpleNamespace:
+    nb = nbformat.read(path, as_version=4)
+    ns: dict = {"__name__": f"reference:{Path(path).stem}"}
+    for cell in nb.cells:
+        if cell.cell_type == "code" and (is_imports(cell) or is_solution(cell)):
+            code = compile(strip_magics(source(cell)), f"<reference {Path(path).name}>", "exec")
+            exec(code, ns)  # noqa: S102 - the instructor's own solution code
+    ns.pop("__builtins__", None)
+    return types.SimpleNamespace(**ns)
+
+
+def reference(chapter: str) -> types.SimpleNamespace:
+    """The reference definitions of ``chapter`` (e.g. ``"ch01_attention"``) as attributes."""
+    path = solutions_dir() / chapter / f"{chapter}.ipynb"
+    if not path.is_file():
+        raise ReferenceUnavailable(
+            f"The reference solutions are only available to the grader (no {path}).")
+    return _load(str(path), path.stat().st_mtime)
