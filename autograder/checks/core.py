@@ -61,11 +61,13 @@ def call(fn: Callable, *args, what: str | None = None, **kwargs):
         return fn(*args, **kwargs)
     except CheckFailure:
         raise
-    except NotImplementedError:
-        fail(f"{what} raised NotImplementedError: replace `raise NotImplementedError()` with your "
-             "implementation and run that cell again.")
     except Exception as exc:  # noqa: BLE001 - any student error becomes a readable failure
-        fail(f"{what} raised {type(exc).__name__}: {exc}")
+        # Errors coming back from the grader's sandbox carry the student's own exception type.
+        kind = getattr(exc, "student_type", type(exc).__name__)
+        if kind == "NotImplementedError":
+            fail(f"{what} raised NotImplementedError: replace `raise NotImplementedError()` with "
+                 "your implementation and run that cell again.")
+        fail(f"{what} raised {kind}: {exc}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,170 @@
+"""Grade one submitted notebook: student code in the sandbox, verdicts in this (trusted) process.
+
+Walks the cells in order. Code cells written or edited by the student run in the sandbox; a
+*test* cell (identified by its ``grade_id`` in the instructor's source notebook) runs here, its
+source taken from the source notebook, with proxies in place of the student's objects. Each test
+cell gets outputs that nbgrader scores as usual: an ``error`` output (0 points) or a ``stream``
+(full points). Whatever the submission does, every test cell gets a verdict.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+
+from .checks.core import CheckFailure
+from .notebook import Chapter, meta, source, strip_magics
+from .reference import ENV_VAR
+from .sandbox.process import Limits, Sandbox, SandboxUnavailable
+from .sandbox.proxy import Session, StudentError, make_proxy
+
+log = logging.getLogger("autograder")
+
+
+@dataclass
+class Verdict:
+    grade_id: str
+    passed: bool
+    message: str
+    seconds: float
+
+
+@dataclass
+class Report:
+    verdicts: list[Verdict] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)   # crashes, timeouts, restarts
+    seconds: float = 0.0
+
+
+class _Missing:
+    """Stands for a student API name the submission never defined."""
+
+    def __init__(self, name):
+        self.__name__ = name
+
+    def __call__(self, *a, **k):
+        raise CheckFailure(f"`{self.__name__}` is not defined. Run the cell that defines it (and "
+                           "keep the name given in the exercise).")
+
+
+def _error_output(kind: str, message: str):
+    return nbformat.v4.new_output("error", ename=kind, evalue=message, traceback=[f"{kind}: {message}"])
+
+
+def _stream(text: str, name: str = "stdout"):
+    return nbformat.v4.new_output("stream", name=name, text=text)
+
+
+def student_scope(nb, chapter: Chapter, answer_ids: list[str]) -> str:
+    """The student's code that an exercise's forbidden-shortcut check reads: that exercise's
+    answer cells plus every cell the student added or edited (not the instructor's)."""
+    known = {aid for ex in chapter.exercises for aid in ex.answer_ids} | {"imports"}
+    tests = {ex.test_id for ex in chapter.exercises}
+    parts = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        gid = meta(cell).get("grade_id")
+        if gid in answer_ids:
+            parts.append(source(cell))
+        elif gid not in known and gid not in tests and source(cell) not in chapter.narrative_sources:
+            parts.append(source(cell))
+    return "\n\n".join(strip_magics(p) for p in parts)
+
+
+def _trusted_namespace(chapter: Chapter) -> dict:
+    ns: dict = {"__name__": "__grader__"}
+    exec(compile(strip_magics(chapter.imports_source), "<imports>", "exec"), ns)  # noqa: S102
+    return ns
+
+
+def run_test(sandbox: Sandbox, chapter: Chapter, exercise, nb, base_ns: dict) -> Verdict:
+    start = time.monotonic()
+    session = Session(sandbox)
+    scope = student_scope(nb, chapter, exercise.answer_ids)
+    ns = dict(base_ns)
+    out = io.StringIO()
+    try:
+        for name in chapter.api:
+            ns[name] = make_proxy(session, name, scope) or _Missing(name)
+        with contextlib.redirect_stdout(out):
+            exec(compile(exercise.test_source, f"<test {exercise.test_id}>", "exec"), ns)  # noqa: S102
+        return Verdict(exercise.test_id, True, out.getvalue() or "passed", time.monotonic() - start)
+    except CheckFailure as exc:
+        return Verdict(exercise.test_id, False, str(exc), time.monotonic() - start)
+    except StudentError as exc:
+        return Verdict(exercise.test_id, False, f"Your code failed while being tested: "
+                       f"{exc.student_type}: {exc}", time.monotonic() - start)
+    except Exception as exc:  # noqa: BLE001 - never show a traceback: it would quote hidden tests
+        log.warning("test %s raised outside a check:\n%s", exercise.test_id, traceback.format_exc())
+        return Verdict(exercise.test_id, False, f"{type(exc).__name__}: {exc}", time.monotonic() - start)
+
+
+def grade_notebook(nb, chapter: Chapter, *, solutions_dir: Path, limits: Limits | None = None,
+                   data_files: list[Path] | None = None, budget_seconds: float = 600.0) -> Report:
+    """Grade ``nb`` (modified in place: outputs of every code cell) against ``chapter``."""
+    t0 = time.monotonic()
+    report = Report()
+    exercises = {ex.test_id: ex for ex in chapter.exercises}
+    old_env = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = str(solutions_dir)
+    try:
+        base_ns = _trusted_namespace(chapter)
+        with Sandbox(limits, data_files) as sandbox:
+            for index, cell in enumerate(nb.cells):
+                if cell.cell_type != "code":
+                    continue
+                gid = meta(cell).get("grade_id")
+                if time.monotonic() - t0 > budget_seconds:
+                    msg = f"not run: the notebook used up its grading time ({budget_seconds:g} s)"
+                    cell.outputs = [_error_output("GradingTimeout", msg)]
+                    if gid in exercises:
+                        report.verdicts.append(Verdict(gid, False, msg, 0.0))
+                    continue
+                if gid in exercises and meta(cell).get("grade"):
+                    if not sandbox.alive:
+                        sandbox.restart()
+                    verdict = run_test(sandbox, chapter, exercises[gid], nb, base_ns)
+                    report.verdicts.append(verdict)
+                    cell.outputs = [_stream(verdict.message.rstrip() + "\n")] if verdict.passed else \
+                        [_error_output("CheckFailure", verdict.message)]
+                    if not sandbox.alive:
+                        report.events.append(f"cell {index}: the process died during the tests; restarted")
+                        sandbox.restart()
+                    continue
+                run = sandbox.run_cell(source(cell))
+                outputs = []
+                if run.stdout:
+                    outputs.append(_stream(run.stdout))
+                if run.stderr:
+                    outputs.append(_stream(run.stderr, "stderr"))
+                if run.status in ("timeout", "crashed"):
+                    what = f"This cell was stopped: {run.error}."
+                    report.events.append(f"cell {index}: {run.error}")
+                    outputs.append(_error_output("GradingError", what))
+                    sandbox.restart()
+                    report.events.append(f"restarted after cell {index}; {len(sandbox.history)} cells replayed")
+                elif run.status == "error":
+                    kind, _, msg = (run.error or "Error: ").partition(": ")
+                    outputs.append(_error_output(kind, msg))
+                cell.outputs = outputs
+    except SandboxUnavailable:
+        raise
+    finally:
+        if old_env is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old_env
+    graded = {v.grade_id for v in report.verdicts}
+    for gid in exercises:
+        if gid not in graded:   # a test cell the submission lost: nbgrader re-adds it; say so
+            report.verdicts.append(Verdict(gid, False, "this test cell was missing", 0.0))
+    report.seconds = time.monotonic() - t0
+    return report

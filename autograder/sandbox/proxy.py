@@ -1,0 +1,211 @@
+"""Trusted stand-ins for the student's functions and modules.
+
+Test cells run in the grader's process with these proxies in place of the student's objects.
+A call sends tensors into the sandbox and gets plain tensors back; autograd works across the
+boundary (the backward pass asks the sandbox for a vector-Jacobian product), and a module proxy
+is a real ``nn.Module`` mirroring the student's parameters, so ``named_parameters``,
+``load_state_dict``, ``.to()`` and ``.double()`` behave as on the student's own module.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..checks.core import CheckFailure
+from . import wire
+from .process import Sandbox, SandboxFailure
+
+
+class StudentError(RuntimeError):
+    """The student's code raised (or its process failed); ``student_type`` is the exception's
+    type name in the student's process, so messages read as they would in the student's kernel."""
+
+    def __init__(self, text: str):
+        kind, _, rest = text.partition(": ")
+        if kind.isidentifier() and rest:
+            self.student_type, message = kind, rest
+        else:
+            self.student_type, message = "Error", text
+        super().__init__(message)
+
+
+class NotATensor:
+    """Stands for a student result that could not travel (an object of the student's class,
+    a Tensor subclass, a numpy array...). Checks report it by :func:`core.describe`."""
+
+    def __init__(self, description: str):
+        self.description = description
+
+    def __check_describe__(self) -> str:
+        return f"a value of type {self.description}"
+
+    def __repr__(self):
+        return f"<{self.description}>"
+
+
+def _flatten(tree, tensors: list):
+    if isinstance(tree, torch.Tensor):
+        tensors.append(tree)
+        return {wire.TENSOR: len(tensors) - 1}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_flatten(v, tensors) for v in tree)
+    if isinstance(tree, dict):
+        return {k: _flatten(v, tensors) for k, v in tree.items()}
+    if tree is None or isinstance(tree, (int, float, bool, str)):
+        return tree
+    raise TypeError(f"cannot send a {type(tree).__name__} to the student's code")
+
+
+def _rebuild(tree, tensors: list):
+    if isinstance(tree, dict) and set(tree) == {wire.TENSOR}:
+        return tensors[tree[wire.TENSOR]]
+    if isinstance(tree, dict) and set(tree) == {wire.NOT_A_TENSOR}:
+        return NotATensor(str(tree[wire.NOT_A_TENSOR]))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_rebuild(v, tensors) for v in tree)
+    if isinstance(tree, dict):
+        return {k: _rebuild(v, tensors) for k, v in tree.items()}
+    return tree
+
+
+class Session:
+    """The grader's connection to one student's sandbox, shared by all proxies of a test cell."""
+
+    def __init__(self, sandbox: Sandbox):
+        self.sandbox = sandbox
+
+    def ask(self, msg: dict) -> dict:
+        try:
+            reply = self.sandbox.request(msg)
+        except SandboxFailure as exc:
+            raise StudentError(f"your code's process failed: {exc}") from None
+        if not reply.get("ok"):
+            raise StudentError(str(reply.get("error", "unknown error")))
+        return reply
+
+
+def _check_tensor_list(got, n: int, what: str) -> list:
+    if not isinstance(got, list) or len(got) != n or not all(type(t) is torch.Tensor for t in got):
+        raise StudentError(f"{what}: malformed answer")
+    return got
+
+
+class _RemoteOp(torch.autograd.Function):
+    """Forward: one call in the sandbox. Backward: one vector-Jacobian product there."""
+
+    @staticmethod
+    def forward(ctx, box: dict, *flat):
+        ctx.box = box
+        ctx.save_for_backward(*flat)
+        outs = box["outs"]
+        nondiff = [t for t, rg in zip(outs, box["requires_grad"]) if not rg or not t.is_floating_point()]
+        ctx.mark_non_differentiable(*nondiff)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        box, flat = ctx.box, ctx.saved_tensors
+        wrt = [i for i in range(len(flat)) if ctx.needs_input_grad[i + 1]]
+        reply = box["session"].ask(dict(box["request"], op="vjp", wrt=wrt,
+                                        tensors=[t.detach() for t in flat],
+                                        grad_outputs=[None if g is None else g.detach() for g in grad_outs]))
+        got = _check_tensor_list(reply.get("grads"), len(wrt), "gradients") if reply.get("grads") is not None else []
+        grads: list = [None] * len(flat)
+        for i, g in zip(wrt, got):
+            if g is None:
+                continue
+            if g.shape != flat[i].shape:
+                raise CheckFailure(f"a gradient has shape {tuple(g.shape)} but its input has shape "
+                                   f"{tuple(flat[i].shape)}")
+            grads[i] = g.to(dtype=flat[i].dtype, device=flat[i].device)
+        return (None, *grads)
+
+
+def _invoke(session: Session, request: dict, args: tuple, kwargs: dict, extra: list | None = None):
+    """Call the student's object in the sandbox with autograd support."""
+    tensors: list = []
+    tree_args = _flatten(tuple(args), tensors)
+    tree_kwargs = _flatten(dict(kwargs), tensors)
+    flat = tensors + list(extra or [])
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
+    wrt = [i for i, t in enumerate(flat) if t.requires_grad] if need_grad else []
+    request = dict(request, args=tree_args, kwargs=tree_kwargs)
+    reply = session.ask(dict(request, op="call", wrt=wrt, tensors=[t.detach() for t in flat]))
+    outs = _check_tensor_list(reply.get("tensors"), len(reply.get("tensors") or []), "outputs")
+    if need_grad and outs:
+        box = {"session": session, "request": request, "outs": outs,
+               "requires_grad": list(reply.get("requires_grad") or [False] * len(outs))}
+        outs = list(_RemoteOp.apply(box, *flat))
+    return _rebuild(reply.get("out"), outs)
+
+
+class _Remote:
+    """Common part of proxies: the trusted copy of the student's source for forbid checks."""
+
+    def __init__(self, session: Session, name: str, scope_source: str):
+        self._session, self.__name__, self._scope_source = session, name, scope_source
+
+    def __trusted_source__(self) -> str:
+        return self._scope_source
+
+    def __repr__(self):
+        return f"<student's {self.__name__}>"
+
+
+class RemoteFunction(_Remote):
+    def __call__(self, *args, **kwargs):
+        return _invoke(self._session, {"target": self.__name__}, args, kwargs)
+
+
+class RemoteClass(_Remote):
+    def __call__(self, *args, **kwargs):
+        tensors: list = []
+        tree_args = _flatten(tuple(args), tensors)
+        tree_kwargs = _flatten(dict(kwargs), tensors)
+        reply = self._session.ask({"op": "new", "target": self.__name__, "args": tree_args,
+                                   "kwargs": tree_kwargs, "tensors": [t.detach() for t in tensors]})
+        if reply.get("handle") is None:
+            return NotATensor(str(reply.get("type", "object")) + " (not an nn.Module)")
+        state = _check_tensor_list(reply.get("state"), len(reply.get("names") or []), "parameters")
+        return RemoteModule(self._session, int(reply["handle"]), list(reply["names"]),
+                            list(reply["is_param"]), state, self.__name__)
+
+
+class RemoteModule(nn.Module):
+    """A real nn.Module holding a mirror of the student's parameters and buffers."""
+
+    def __init__(self, session, handle, names, is_param, state, class_name):
+        super().__init__()
+        self._session, self._handle, self._class_name = session, handle, class_name
+        for name, param, tensor in zip(names, is_param, state):
+            owner = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if part not in owner._modules:
+                    owner.add_module(part, nn.Module())
+                owner = owner._modules[part]
+            if param:
+                owner.register_parameter(leaf, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+            else:
+                owner.register_buffer(leaf, tensor)
+
+    def forward(self, *args, **kwargs):
+        state = dict(self.named_parameters())
+        state.update(dict(self.named_buffers()))
+        names = list(state)
+        return _invoke(self._session, {"handle": self._handle, "names": names, "training": self.training},
+                       args, kwargs, extra=[state[n] for n in names])
+
+    def extra_repr(self):
+        return f"student's {self._class_name}"
+
+
+def make_proxy(session: Session, name: str, scope_source: str):
+    """A proxy for the student's ``name``, of the right kind, or None if it is not defined."""
+    reply = session.ask({"op": "lookup", "name": name})
+    kind = reply.get("kind")
+    if kind == "class":
+        return RemoteClass(session, name, scope_source)
+    if kind == "callable":
+        return RemoteFunction(session, name, scope_source)
+    return None

@@ -1,0 +1,324 @@
+"""The chapter-3 checks pass correct code written differently and name each common mistake."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autograder.checks import ch03
+from autograder.checks.ch03 import check_multi_head_attention, check_split_merge
+from autograder.checks.core import CheckFailure
+
+
+# --------------------------------------------------------------------------------------------
+# A correct solution written differently from the reference (unflatten/permute, einsum)
+# --------------------------------------------------------------------------------------------
+
+def good_split(x, num_heads):
+    return x.unflatten(-1, (num_heads, -1)).permute(0, 2, 1, 3)
+
+
+def good_merge(x):
+    return x.permute(0, 2, 1, 3).flatten(-2)
+
+
+def my_attention(q, k, v, mask=None):
+    logits = torch.einsum("bhqd,bhkd->bhqk", q, k) * q.shape[-1] ** -0.5
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    w = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhqk,bhkd->bhqd", w, v), w
+
+
+class GoodMHA(nn.Module):
+    def __init__(self, d_model, num_heads):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model={d_model} is not a multiple of num_heads={num_heads}")
+        self.h = num_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def heads(self, query, key, value):
+        return (good_split(self.q_proj(query), self.h), good_split(self.k_proj(key), self.h),
+                good_split(self.v_proj(value), self.h))
+
+    def prepare_mask(self, mask):
+        return mask[:, None] if mask is not None and mask.dim() == 3 else mask
+
+    def attend(self, q, k, v, mask):
+        return my_attention(q, k, v, mask)
+
+    def finish(self, o):
+        return self.out_proj(good_merge(o))
+
+    def forward(self, query, key, value, mask=None):
+        q, k, v = self.heads(query, key, value)
+        o, w = self.attend(q, k, v, self.prepare_mask(mask))
+        return self.finish(o), w
+
+
+def test_correct_split_merge_passes(capsys):
+    check_split_merge(good_split, good_merge)
+    assert "all" in capsys.readouterr().out
+
+
+def test_correct_mha_passes(capsys):
+    check_multi_head_attention(GoodMHA)
+    assert "MultiHeadAttention: all" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# split / merge mutants
+# --------------------------------------------------------------------------------------------
+
+def split_no_transpose(x, num_heads):
+    b, length, d = x.shape
+    return x.reshape(b, num_heads, length, d // num_heads)
+
+
+def merge_no_transpose(x):
+    b, h, length, d_k = x.shape
+    return x.reshape(b, length, h * d_k)
+
+
+def split_interleaved(x, num_heads):
+    b, length, d = x.shape
+    return x.reshape(b, length, d // num_heads, num_heads).permute(0, 3, 1, 2)
+
+
+def merge_view(x):
+    b, h, length, d_k = x.shape
+    return x.transpose(1, 2).view(b, length, h * d_k)
+
+
+def split_stub(x, num_heads):
+    raise NotImplementedError()
+
+
+def split_detached(x, num_heads):
+    return good_split(x, num_heads).detach()
+
+
+@pytest.mark.parametrize("split, merge, message", [
+    (split_no_transpose, good_merge, "reshaped to (B, H, L, d_k) directly"),
+    (good_split, merge_no_transpose, "you reshaped (B, H, L, d_k) to (B, L, H*d_k) directly"),
+    (split_interleaved, good_merge, "every H-th feature"),
+    (good_split, merge_view, "view"),
+    (split_stub, good_merge, "NotImplementedError"),
+    (split_detached, good_merge, "Gradients do not flow"),
+])
+def test_split_merge_mutants(split, merge, message):
+    with pytest.raises(CheckFailure, match=None) as info:
+        check_split_merge(split, merge)
+    assert message in str(info.value), str(info.value)
+
+
+def test_no_transpose_message_names_the_fix():
+    with pytest.raises(CheckFailure) as info:
+        check_split_merge(split_no_transpose, good_merge)
+    assert "reshape to (B, L, H, d_k) and then transpose(1, 2)" in str(info.value)
+    with pytest.raises(CheckFailure) as info:
+        check_split_merge(good_split, merge_no_transpose)
+    assert "transpose(1, 2) back to (B, L, H, d_k) first" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# MultiHeadAttention mutants
+# --------------------------------------------------------------------------------------------
+
+class SplitNoTranspose(GoodMHA):
+    def heads(self, query, key, value):
+        return (split_no_transpose(self.q_proj(query), self.h),
+                split_no_transpose(self.k_proj(key), self.h),
+                split_no_transpose(self.v_proj(value), self.h))
+
+
+class MergeNoTranspose(GoodMHA):
+    def finish(self, o):
+        return self.out_proj(merge_no_transpose(o))
+
+
+class NoOutProj(GoodMHA):
+    def finish(self, o):
+        return good_merge(o)
+
+
+class ScaleByDModel(GoodMHA):
+    def attend(self, q, k, v, mask):
+        d_model = q.shape[1] * q.shape[-1]
+        logits = q @ k.transpose(-2, -1) / math.sqrt(d_model)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        w = torch.softmax(logits, -1).nan_to_num(0.0)
+        return w @ v, w
+
+
+class MaskIgnored(GoodMHA):
+    def prepare_mask(self, mask):
+        return None
+
+
+class MaskInverted(GoodMHA):
+    def prepare_mask(self, mask):
+        mask = super().prepare_mask(mask)
+        return None if mask is None else ~mask
+
+
+class NoHeadDim(GoodMHA):
+    def prepare_mask(self, mask):
+        return mask
+
+
+class AveragedWeights(GoodMHA):
+    def forward(self, query, key, value, mask=None):
+        out, w = super().forward(query, key, value, mask)
+        return out, w.mean(1)
+
+
+class KeysFromQuery(GoodMHA):
+    def heads(self, query, key, value):
+        return super().heads(query, query, query)
+
+
+class ValueFromKey(GoodMHA):
+    def heads(self, query, key, value):
+        return super().heads(query, key, key)
+
+
+class NoValueError(GoodMHA):
+    def __init__(self, d_model, num_heads):
+        nn.Module.__init__(self)
+        self.h = num_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+
+class NoBias(GoodMHA):
+    def __init__(self, d_model, num_heads):
+        super().__init__(d_model, num_heads)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+
+class WrapsTorchMHA(nn.Module):
+    def __init__(self, d_model, num_heads):
+        super().__init__()
+        self.inner = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
+
+    def forward(self, query, key, value, mask=None):
+        return self.inner(query, key, value, attn_mask=None if mask is None else ~mask,
+                          average_attn_weights=False)
+
+
+class UsesTorchSDPA(GoodMHA):
+    def attend(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+
+
+class Stub(nn.Module):
+    def __init__(self, d_model, num_heads):
+        super().__init__()
+        raise NotImplementedError()
+
+    def forward(self, query, key, value, mask=None):
+        raise NotImplementedError()
+
+
+@pytest.mark.parametrize("cls, message", [
+    (SplitNoTranspose, "reshape to (B, L, H, d_k) and then transpose(1, 2)"),
+    (MergeNoTranspose, "transpose(1, 2) back to (B, L, H, d_k) first"),
+    (NoOutProj, "skips the output projection"),
+    (ScaleByDModel, "divided by √d_model"),
+    (MaskIgnored, "the mask is ignored"),
+    (MaskInverted, "the mask is inverted"),
+    (NoHeadDim, "mask.unsqueeze(1)"),
+    (AveragedWeights, "without averaging over heads"),
+    (KeysFromQuery, "the keys seem to come from `query`"),
+    (ValueFromKey, "the values are computed from `key`"),
+    (NoValueError, "should raise ValueError"),
+    (NoBias, "parameters should be exactly"),
+    (WrapsTorchMHA, "without `MultiheadAttention`"),
+    (UsesTorchSDPA, "without `scaled_dot_product_attention`"),
+    (Stub, "NotImplementedError"),
+])
+def test_mha_mutants(cls, message):
+    with pytest.raises(CheckFailure) as info:
+        check_multi_head_attention(cls)
+    assert message in str(info.value), str(info.value)
+
+
+def test_own_attention_function_by_plain_name_is_allowed(capsys):
+    def scaled_dot_product_attention(q, k, v, mask=None):
+        return my_attention(q, k, v, mask)
+
+    class CallsOwnAttention(GoodMHA):
+        def attend(self, q, k, v, mask):
+            return scaled_dot_product_attention(q, k, v, mask)
+
+    check_multi_head_attention(CallsOwnAttention)
+    assert "MultiHeadAttention: all" in capsys.readouterr().out
+
+
+def test_forbidden_name_found_when_class_source_is_unavailable(monkeypatch):
+    """In a notebook kernel a class has no source file; the methods' source is still scanned."""
+    real = ch03.source_of
+    monkeypatch.setattr(ch03, "source_of", lambda obj: None if isinstance(obj, type) else real(obj))
+    with pytest.raises(CheckFailure, match="without `scaled_dot_product_attention`"):
+        check_multi_head_attention(UsesTorchSDPA)
+
+
+# --------------------------------------------------------------------------------------------
+# Properties of the checks' own plain-torch helpers
+# --------------------------------------------------------------------------------------------
+
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 4), st.integers(1, 5))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
+def test_split_merge_round_trip_and_agreement(shape):
+    b, length, h, d_k = shape
+    x = torch.randn(b, length, h * d_k)
+    s = ch03._split(x, h)
+    assert torch.equal(s, good_split(x, h))
+    assert torch.equal(ch03._merge(s), x)
+    assert torch.equal(good_merge(good_split(x, h)), x)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.tuples(st.integers(1, 3), st.integers(2, 6), st.integers(2, 4), st.integers(1, 5)))
+def test_no_transpose_mistake_is_distinguishable(shape):
+    """With several heads and positions a reshape without transpose always moves some entries."""
+    b, length, h, d_k = shape
+    x = torch.randn(b, length, h * d_k, dtype=torch.float64)
+    assert not torch.allclose(ch03._split(x, h, "no_transpose"), ch03._split(x, h))
+    y = torch.randn(b, h, length, d_k, dtype=torch.float64)
+    assert not torch.allclose(ch03._merge(y, "no_transpose"), ch03._merge(y))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5), st.sampled_from([1, 2, 4]),
+       st.integers(0, 2 ** 16), st.sampled_from([0, 2, 3, 4]))
+def test_loop_matches_vectorised(b, l_q, l_k, h, seed, mask_dim):
+    """The loop over single heads and the vectorised helper agree, masks of every rank included."""
+    d_model = 4 * h
+    p = ch03._random_params(d_model, seed=seed, device="cpu", dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, l_q, d_model, generator=g, dtype=torch.float64)
+    k = torch.randn(b, l_k, d_model, generator=g, dtype=torch.float64)
+    v = torch.randn(b, l_k, d_model, generator=g, dtype=torch.float64)
+    mask = None if mask_dim == 0 else torch.rand(
+        {2: (l_q, l_k), 3: (b, l_q, l_k), 4: (b, h, l_q, l_k)}[mask_dim], generator=g) > 0.3
+    out1, w1 = ch03.mha_loop(p, q, k, v, h, mask)
+    out2, w2 = ch03.mha_variant(p, q, k, v, h, mask)
+    assert torch.allclose(out1, out2) and torch.allclose(w1, w2)
+    assert not torch.isnan(out1).any()
