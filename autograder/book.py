@@ -1,0 +1,74 @@
+"""Build the book's chapter pages: the student notebook, with the outputs a correct solution gives.
+
+For each chapter the *source* notebook is executed (reference in place, so every figure and
+number is real), then its outputs are copied onto the *released* notebook's cells. Answer and
+test cells keep the released source and get no outputs, so no solution code, hidden test or
+traceback that could quote one reaches the page. stderr outputs are dropped for the same reason.
+The result goes to ``book/_chapters/`` (generated, git-ignored); Jupyter Book does not execute
+anything itself.
+"""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+from .chapters import CHAPTERS
+from .notebook import is_solution, is_test
+from .release import REPO, ensure_tools_on_path
+
+OUT = REPO / "book" / "_chapters"
+
+
+def execute_source(chapter: str, timeout: int = 600):
+    path = REPO / "solutions" / chapter / f"{chapter}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, kernel_name="python3", timeout=timeout,
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    return nb
+
+
+def reader_notebook(chapter: str, executed=None):
+    """The released notebook with the executed source's outputs on its narrative cells."""
+    executed = executed if executed is not None else execute_source(chapter)
+    released = nbformat.read(REPO / "notebooks" / chapter / f"{chapter}.ipynb", as_version=4)
+    if [c.cell_type for c in executed.cells] != [c.cell_type for c in released.cells]:
+        raise RuntimeError(f"{chapter}: notebooks/ does not match solutions/; run `python -m autograder release`")
+    page = copy.deepcopy(released)
+    for src, dst in zip(executed.cells, page.cells):
+        if dst.cell_type != "code":
+            continue
+        dst.execution_count = None
+        if is_solution(src) or is_test(src):
+            dst.outputs = []
+            continue
+        for out in src.get("outputs", []):
+            if out.output_type == "error":
+                raise RuntimeError(f"{chapter}: a narrative cell failed when run with the reference:\n"
+                                   f"{out.ename}: {out.evalue}")
+        dst.outputs = [o for o in src.get("outputs", [])
+                       if not (o.output_type == "stream" and o.name == "stderr")]
+    return page
+
+
+def write_pages(chapters=CHAPTERS) -> list[Path]:
+    OUT.mkdir(parents=True, exist_ok=True)
+    written = []
+    for chapter in chapters:
+        path = OUT / f"{chapter}.ipynb"
+        nbformat.write(reader_notebook(chapter), path)
+        written.append(path)
+    return written
+
+
+def build(strict: bool = True) -> Path:
+    """Write the chapter pages and run ``jupyter-book build``; return the HTML folder."""
+    ensure_tools_on_path()
+    write_pages()
+    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(REPO)] + (["-W", "--keep-going"] if strict else [])
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return REPO / "_build" / "html"

@@ -1,0 +1,40 @@
+"""Find solution or hidden-test lines where students or readers can see them."""
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+
+import nbformat
+
+from .notebook import source
+
+BLOCK = re.compile(r"### BEGIN (SOLUTION|HIDDEN TESTS)(.*?)### END (SOLUTION|HIDDEN TESTS)", re.S)
+
+
+def secret_lines(solutions: Path, min_len: int = 20) -> set[str]:
+    """Non-trivial lines inside solution and hidden-test blocks of every source notebook."""
+    secret = set()
+    for path in solutions.glob("*/*.ipynb"):
+        for cell in nbformat.read(path, as_version=4).cells:
+            for _, block, _ in BLOCK.findall(source(cell)):
+                for line in block.splitlines():
+                    s = line.strip()
+                    if len(s) >= min_len and not s.startswith("#"):
+                        secret.add(s)
+    return secret
+
+
+def find_leaks(solutions: Path, places: list[Path]) -> list[str]:
+    secret = secret_lines(solutions)
+    hits = []
+    for place in places:
+        files = [place] if place.is_file() else place.rglob("*")
+        for f in files:
+            if not f.is_file() or f.suffix not in (".ipynb", ".html", ".py", ".md", ".txt", ".js", ".json"):
+                continue
+            text = f.read_text(errors="ignore")
+            if f.suffix == ".html":
+                text = html.unescape(re.sub(r"<[^>]+>", "", text))
+            hits += [f"{f}: {s[:80]}" for s in secret if s in text]
+    return hits

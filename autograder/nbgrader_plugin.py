@@ -1,0 +1,47 @@
+"""nbgrader integration: a preprocessor that replaces nbgrader's ``Execute`` during autograde.
+
+nbgrader still does everything around execution: it restores test cells from the gradebook
+(``OverwriteCells``), re-adds deleted ones, de-duplicates ids, records scores
+(``SaveAutoGrades``), and builds feedback and exports. Only the running of code changes: see
+``autograder.grade``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from nbgrader.coursedir import CourseDirectory
+from nbgrader.preprocessors import NbGraderPreprocessor
+from traitlets import Float, Integer
+
+from .grade import grade_notebook
+from .notebook import read_chapter
+from .sandbox.process import Limits
+
+
+class SandboxedGrading(NbGraderPreprocessor):
+    """Run the student's code in a sandbox and decide test cells in the grader's process."""
+
+    cell_timeout = Float(30.0, help="Seconds one cell or one tested call may run").tag(config=True)
+    notebook_timeout = Float(600.0, help="Seconds one notebook may take in all").tag(config=True)
+    memory_gib = Float(6.0, help="Address-space limit of the student's process (GiB)").tag(config=True)
+    cpu_seconds = Integer(600, help="CPU-time limit of one student process").tag(config=True)
+
+    def preprocess(self, nb, resources):
+        info = resources["nbgrader"]
+        course = CourseDirectory(config=self.config)
+        source_dir = Path(course.format_path(course.source_directory, ".", info["assignment"]))
+        release_dir = Path(course.format_path(course.release_directory, ".", info["assignment"]))
+        chapter = read_chapter(source_dir / f"{info['notebook']}.ipynb")
+        data = [p for p in release_dir.glob("*") if p.is_file() and p.suffix != ".ipynb"] \
+            if release_dir.is_dir() else []
+        limits = Limits(memory_bytes=int(self.memory_gib * 2**30), cpu_seconds=self.cpu_seconds,
+                        cell_seconds=self.cell_timeout)
+        report = grade_notebook(nb, chapter, solutions_dir=source_dir.parent, limits=limits,
+                                data_files=data, budget_seconds=self.notebook_timeout)
+        for event in report.events:
+            self.log.warning("%s/%s: %s", info["student"], info["notebook"], event)
+        passed = sum(v.passed for v in report.verdicts)
+        self.log.info("%s/%s: %d of %d test cells passed in %.1f s", info["student"],
+                      info["notebook"], passed, len(report.verdicts), report.seconds)
+        resources.setdefault("afs_reports", {})[info["notebook"]] = report
+        return nb, resources

@@ -1,0 +1,43 @@
+"""The course's nbgrader configuration, in one function so tests can apply it to a temp course.
+
+``nbgrader_config.py`` at the repository root calls :func:`configure` with the repository as the
+course root: ``solutions/`` is nbgrader's *source* directory and ``notebooks/`` its *release*
+directory. Submissions, autograded copies, feedback and ``gradebook.db`` also go under the root
+(they are git-ignored).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def configure(c, root: str | Path, source: str = "solutions", release: str = "notebooks",
+              exchange: str | Path | None = None) -> None:
+    from nbgrader.preprocessors import (ClearHiddenTests, ClearMetadataPreprocessor, CheckCellMetadata,
+                                        GetGrades, LimitOutput, SaveAutoGrades, AssignLatePenalties,
+                                        IgnorePattern)
+    from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
+
+    from .nbgrader_plugin import SandboxedGrading
+
+    root = Path(root).resolve()
+    c.CourseDirectory.root = str(root)
+    c.CourseDirectory.source_directory = source
+    c.CourseDirectory.release_directory = release
+    c.CourseDirectory.course_id = "attention-from-scratch"
+    c.CourseDirectory.db_url = f"sqlite:///{root / 'gradebook.db'}"
+    # Student notebooks saved under another kernel name must still grade.
+    c.Execute.kernel_name = "python3"
+    c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
+    # A submission that deleted a test or answer cell gets it back instead of "needs manual grading".
+    c.OverwriteCells.add_missing_cells = True
+    # Student code runs in a sandbox; verdicts are decided outside it (autograder.grade).
+    c.Autograde.autograde_preprocessors = [SandboxedGrading, IgnorePattern, ClearMetadataPreprocessor,
+                                           LimitOutput, SaveAutoGrades, AssignLatePenalties,
+                                           CheckCellMetadata]
+    # Warnings on stderr never zero a cell (our test cells never emit stderr anyway).
+    c.IgnorePattern.pattern = r"^.*Warning:.*$"
+    # Feedback never shows hidden tests.
+    c.GenerateFeedback.preprocessors = [GetGrades, CSSHTMLHeaderPreprocessor, ClearHiddenTests]
+    if exchange is not None:
+        c.Exchange.root = str(exchange)
+        c.Exchange.course_id = "attention-from-scratch"
