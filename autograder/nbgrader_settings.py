@@ -12,10 +12,9 @@ from pathlib import Path
 
 def configure(c, root: str | Path, source: str = "solutions", release: str = "notebooks",
               exchange: str | Path | None = None) -> None:
-    from nbgrader.preprocessors import (ClearHiddenTests, ClearMetadataPreprocessor, CheckCellMetadata,
-                                        GetGrades, LimitOutput, SaveAutoGrades, AssignLatePenalties,
-                                        IgnorePattern)
-    from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
+    from nbconvert.preprocessors import ClearMetadataPreprocessor, CSSHTMLHeaderPreprocessor
+    from nbgrader.preprocessors import (AssignLatePenalties, CheckCellMetadata, ClearHiddenTests,
+                                        GetGrades, IgnorePattern, LimitOutput, SaveAutoGrades)
 
     from .nbgrader_plugin import SandboxedGrading
 
@@ -40,4 +39,3 @@ def configure(c, root: str | Path, source: str = "solutions", release: str = "no
     c.GenerateFeedback.preprocessors = [GetGrades, CSSHTMLHeaderPreprocessor, ClearHiddenTests]
     if exchange is not None:
         c.Exchange.root = str(exchange)
-        c.Exchange.course_id = "attention-from-scratch"

@@ -16,9 +16,7 @@ import types
 from functools import lru_cache
 from pathlib import Path
 
-import nbformat
-
-from .notebook import is_imports, is_solution, source, strip_magics
+from .notebook import is_imports, is_solution, read_cells, source, strip_magics
 
 #: Where the source notebooks live; the grader points this at its course's source directory.
 ENV_VAR = "AFS_SOLUTIONS_DIR"
@@ -35,10 +33,9 @@ class ReferenceUnavailable(RuntimeError):
 
 @lru_cache(maxsize=None)
 def _load(path: str, mtime: float) -> types.SimpleNamespace:
-    nb = nbformat.read(path, as_version=4)
     ns: dict = {"__name__": f"reference:{Path(path).stem}"}
-    for cell in nb.cells:
-        if cell.cell_type == "code" and (is_imports(cell) or is_solution(cell)):
+    for cell in read_cells(path):
+        if cell.get("cell_type") == "code" and (is_imports(cell) or is_solution(cell)):
             code = compile(strip_magics(source(cell)), f"<reference {Path(path).name}>", "exec")
             exec(code, ns)  # noqa: S102 - the instructor's own solution code
     ns.pop("__builtins__", None)

@@ -163,7 +163,10 @@ def grads(output: Any, inputs: Sequence[torch.Tensor], grad_output: torch.Tensor
              ".detach(), .item(), .numpy(), torch.tensor(...) on intermediate results, and in-place "
              "writes into leaf tensors.")
     try:
-        got = torch.autograd.grad(output, list(inputs), grad_output, allow_unused=True)
+        # retain_graph: several outputs of one call (e.g. attention output and weights) share a
+        # graph, and compare_with_reference backpropagates through each of them in turn.
+        got = torch.autograd.grad(output, list(inputs), grad_output, allow_unused=True,
+                                  retain_graph=True)
     except Exception as exc:  # noqa: BLE001
         fail(f"Backpropagating through {what} failed: {type(exc).__name__}: {exc}")
     return [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs)]

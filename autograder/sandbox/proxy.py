@@ -21,8 +21,8 @@ class StudentError(RuntimeError):
     type name in the student's process, so messages read as they would in the student's kernel."""
 
     def __init__(self, text: str):
-        kind, _, rest = text.partition(": ")
-        if kind.isidentifier() and rest:
+        kind, sep, rest = text.partition(": ")
+        if sep and kind.isidentifier():
             self.student_type, message = kind, rest
         else:
             self.student_type, message = "Error", text
