@@ -256,6 +256,35 @@ def test_mha_mutants(cls, message):
     assert message in str(info.value), str(info.value)
 
 
+class SandboxError(RuntimeError):
+    """What an exception of the student's looks like in the grader: its type travels by name."""
+
+    def __init__(self, student_type, message):
+        super().__init__(message)
+        self.student_type = student_type
+
+
+class SandboxValueError(GoodMHA):
+    def __init__(self, d_model, num_heads):
+        if d_model % num_heads:
+            raise SandboxError("ValueError", "d_model is not divisible by num_heads")
+        super().__init__(d_model, num_heads)
+
+
+class SandboxTypeError(GoodMHA):
+    def __init__(self, d_model, num_heads):
+        if d_model % num_heads:
+            raise SandboxError("TypeError", "unsupported operand")
+        super().__init__(d_model, num_heads)
+
+
+def test_value_error_from_the_sandbox_is_recognised(capsys):
+    check_multi_head_attention(SandboxValueError)
+    assert "MultiHeadAttention: all" in capsys.readouterr().out
+    with pytest.raises(CheckFailure, match="should raise ValueError .* but it raised TypeError"):
+        check_multi_head_attention(SandboxTypeError)
+
+
 def test_own_attention_function_by_plain_name_is_allowed(capsys):
     def scaled_dot_product_attention(q, k, v, mask=None):
         return my_attention(q, k, v, mask)

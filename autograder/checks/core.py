@@ -109,10 +109,11 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(d.max()) if d.numel() else 0.0
 
 
-def is_close(actual: Any, expected: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+def is_close(actual: Any, expected: torch.Tensor, dtype: torch.dtype | None = None,
+             tol: tuple[float, float] | None = None) -> bool:
     if type(actual) is not torch.Tensor or actual.shape != expected.shape:
         return False
-    rtol, atol = tolerance(dtype or expected.dtype)
+    rtol, atol = tol or tolerance(dtype or expected.dtype)
     return bool(torch.allclose(actual.detach().double().cpu(), expected.detach().double().cpu(),
                                rtol=rtol, atol=atol, equal_nan=True))
 
@@ -135,14 +136,15 @@ def expect_tensor(x: Any, what: str, *, shape: Sequence[int] | None = None,
 
 def expect_close(actual: Any, expected: torch.Tensor, what: str, *,
                  mistakes: Mapping[str, torch.Tensor] | None = None,
-                 dtype: torch.dtype | None = None) -> None:
-    """Fail unless ``actual`` matches ``expected`` within the dtype's tolerance.
+                 dtype: torch.dtype | None = None, tol: tuple[float, float] | None = None) -> None:
+    """Fail unless ``actual`` matches ``expected`` within the dtype's tolerance (or ``tol``,
+    (rtol, atol), where the inputs' magnitude limits the attainable precision).
 
     ``mistakes`` maps a message naming a common mistake to what that mistake would produce; when
     the student's result matches one of them, that message is the failure.
     """
     expect_tensor(actual, what, shape=expected.shape)
-    if is_close(actual, expected, dtype):
+    if is_close(actual, expected, dtype, tol):
         return
     if torch.isnan(actual).any() and not torch.isnan(expected).any():
         fail(f"{what} contains NaN where the expected result has none. Look for exp() of large "
@@ -150,9 +152,9 @@ def expect_close(actual: Any, expected: torch.Tensor, what: str, *,
     for message, wrong in (mistakes or {}).items():
         if wrong is not None and is_close(actual, wrong, dtype):
             fail(f"{what} is wrong: {message}")
+    rtol, atol = tol or tolerance(dtype or expected.dtype)
     fail(f"{what} differs from the expected result by up to {max_abs_diff(actual, expected):.3g} "
-         f"(tolerance for {dtype or expected.dtype}: rtol={tolerance(dtype or expected.dtype)[0]:g}, "
-         f"atol={tolerance(dtype or expected.dtype)[1]:g}).")
+         f"(tolerance: rtol={rtol:g}, atol={atol:g}).")
 
 
 def grads(output: Any, inputs: Sequence[torch.Tensor], grad_output: torch.Tensor, what: str):

@@ -1,0 +1,74 @@
+"""Shared fixtures: the repository, chapters, and a temporary nbgrader course."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# nbgrader shells out to `alembic`: put this environment's scripts first on PATH.
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from autograder.chapters import CHAPTERS  # noqa: E402
+
+
+def has_jupyter() -> bool:
+    try:
+        import nbformat  # noqa: F401
+        import nbgrader  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_jupyter = pytest.mark.skipif(not has_jupyter(), reason="needs nbformat/nbgrader (not on GPU graders)")
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (apt-get install bubblewrap)")
+
+
+def nbgrader(course: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).parent / "nbgrader"), *args]
+    result = subprocess.run(cmd, cwd=course, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"nbgrader {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def make_course(root: Path, chapters=CHAPTERS, cell_timeout: float = 10.0) -> Path:
+    """A temporary nbgrader course whose source directory is the repository's solutions/."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "nbgrader_config.py").write_text(
+        "from autograder.nbgrader_settings import configure\n"
+        "c = get_config()\n"
+        f"configure(c, root={str(root)!r}, source={str(REPO / 'solutions')!r}, release='release', "
+        f"exchange={str(root / 'exchange')!r})\n"
+        f"c.SandboxedGrading.cell_timeout = {cell_timeout}\n"
+        "c.SandboxedGrading.notebook_timeout = 240\n")
+    (root / "exchange").mkdir(exist_ok=True)
+    for chapter in chapters:
+        nbgrader(root, "generate_assignment", chapter, "--force")
+    return root
+
+
+def grade(course: Path, assignment: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autograder", "grade", assignment, "--course", str(course)],
+                          cwd=REPO, capture_output=True, text=True)
+
+
+def scores(course: Path, assignment: str) -> dict[str, dict[str, float]]:
+    """student -> {grade_id: score} from the course's gradebook."""
+    from nbgrader.api import Gradebook
+
+    out: dict[str, dict[str, float]] = {}
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+        for sub in gb.assignment_submissions(assignment):
+            for nb in sub.notebooks:
+                for g in nb.grades:
+                    out.setdefault(sub.student.id, {})[g.name] = g.score
+    return out

@@ -1,0 +1,117 @@
+"""Building corpus submissions from the released notebook with small, readable edits."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import nbformat
+
+
+@dataclass
+class Case:
+    """One submission and the score each test cell must get."""
+    name: str
+    expected: dict[str, float]
+    build: Callable[[nbformat.NotebookNode], nbformat.NotebookNode | bytes]
+    extra_files: dict[str, str] = field(default_factory=dict)
+    filename: str | None = None     # submit under another file name
+    note: str = ""
+
+
+def gid(cell) -> str | None:
+    return cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+
+
+def index_of(nb, grade_id: str) -> int:
+    for i, cell in enumerate(nb.cells):
+        if gid(cell) == grade_id:
+            return i
+    raise KeyError(grade_id)
+
+
+def answers(**sources: str):
+    """Replace answer cells' sources: answers(softmax_answer="def softmax...")."""
+    def edit(nb):
+        nb = copy.deepcopy(nb)
+        for grade_id, src in sources.items():
+            nb.cells[index_of(nb, grade_id)].source = src
+        return nb
+    return edit
+
+
+def then(*edits):
+    """Apply several edits in order."""
+    def edit(nb):
+        for e in edits:
+            nb = e(nb)
+        return nb
+    return edit
+
+
+def insert(code: str, after: str | None = None, before: str | None = None):
+    """Add a student cell (no nbgrader metadata) after/before the cell with that grade_id,
+    or at the top."""
+    def edit(nb):
+        nb = copy.deepcopy(nb)
+        cell = nbformat.v4.new_code_cell(code)
+        if after is not None:
+            nb.cells.insert(index_of(nb, after) + 1, cell)
+        elif before is not None:
+            nb.cells.insert(index_of(nb, before), cell)
+        else:
+            nb.cells.insert(0, cell)
+        return nb
+    return edit
+
+
+def set_source(grade_id: str, code: str):
+    def edit(nb):
+        nb = copy.deepcopy(nb)
+        nb.cells[index_of(nb, grade_id)].source = code
+        return nb
+    return edit
+
+
+def delete(grade_id: str):
+    def edit(nb):
+        nb = copy.deepcopy(nb)
+        del nb.cells[index_of(nb, grade_id)]
+        return nb
+    return edit
+
+
+def set_meta(target: str, **changes):
+    def edit(nb):
+        nb = copy.deepcopy(nb)
+        nb.cells[index_of(nb, target)].metadata["nbgrader"].update(changes)
+        return nb
+    return edit
+
+
+def strip_metadata(nb):
+    nb = copy.deepcopy(nb)
+    for cell in nb.cells:
+        cell.metadata = {}
+    return nb
+
+
+def duplicate(grade_id: str):
+    def edit(nb):
+        nb = copy.deepcopy(nb)
+        i = index_of(nb, grade_id)
+        nb.cells.insert(i + 1, copy.deepcopy(nb.cells[i]))
+        nb.cells[i + 1].id = nb.cells[i].id + "-copy"
+        return nb
+    return edit
+
+
+def drop_narrative_code(nb):
+    """Remove the demo/figure code cells (students may delete cells; it keeps the corpus fast)."""
+    nb = copy.deepcopy(nb)
+    nb.cells = [c for c in nb.cells if c.cell_type != "code" or gid(c) is not None]
+    return nb
+
+
+def raw(data: bytes):
+    return lambda nb: data

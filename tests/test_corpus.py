@@ -1,0 +1,72 @@
+"""The corpus: every submission, honest or hostile, graded through the real nbgrader flow, gets
+exactly its expected score per exercise, in bounded time."""
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import grade, make_course, needs_bwrap, needs_jupyter, scores
+from corpus import ch01
+
+pytestmark = [needs_jupyter, needs_bwrap, pytest.mark.slow]
+
+CORPORA = {"ch01_attention": ch01.CASES}
+ALL = [(chapter, case) for chapter, cases in CORPORA.items() for case in cases]
+
+
+def write_submission(course: Path, chapter: str, case) -> None:
+    import nbformat
+
+    released = nbformat.read(course / "release" / chapter / f"{chapter}.ipynb", as_version=4)
+    folder = course / "submitted" / case.name / chapter
+    folder.mkdir(parents=True)
+    result = case.build(released)
+    target = folder / (case.filename or f"{chapter}.ipynb")
+    if isinstance(result, bytes):
+        target.write_bytes(result)
+    else:
+        nbformat.write(result, target)
+    for name, text in case.extra_files.items():
+        (folder / name).write_text(text)
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    results = {}
+    for chapter, cases in CORPORA.items():
+        course = make_course(tmp_path_factory.mktemp(chapter), chapters=[chapter], cell_timeout=10)
+        for case in cases:
+            write_submission(course, chapter, case)
+        start = time.monotonic()
+        run = grade(course, chapter)
+        elapsed = time.monotonic() - start
+        times = [float(t) for t in re.findall(r"test cells passed in ([0-9.]+) s", run.stdout + run.stderr)]
+        results[chapter] = {"course": course, "scores": scores(course, chapter), "run": run,
+                            "elapsed": elapsed, "times": times}
+    return results
+
+
+@pytest.mark.parametrize("chapter,case", ALL, ids=[f"{c}:{k.name}" for c, k in ALL])
+def test_submission_gets_expected_score(graded, chapter, case):
+    got = graded[chapter]["scores"].get(case.name)
+    assert got is not None, f"{case.name} was not graded:\n{graded[chapter]['run'].stdout[-3000:]}"
+    assert got == case.expected, f"{case.name}: expected {case.expected}, got {got}"
+
+
+@pytest.mark.parametrize("chapter", list(CORPORA))
+def test_corpus_grades_in_bounded_time_and_touches_nothing_else(graded, chapter):
+    g = graded[chapter]
+    assert len(g["times"]) == len(CORPORA[chapter]), g["run"].stdout[-2000:]
+    print(f"\n{chapter}: {len(g['times'])} submissions in {g['elapsed']:.0f} s; per submission "
+          f"median {statistics.median(g['times']):.1f} s, worst {max(g['times']):.1f} s")
+    assert max(g["times"]) < 120
+    assert not list(g["course"].rglob("pwned.txt")), "a submission wrote into another student's folder"
+    feedback = list((g["course"] / "feedback").rglob("*.html"))
+    assert len(feedback) == len(CORPORA[chapter])
+    for page in feedback:
+        text = page.read_text()
+        assert "BEGIN HIDDEN TESTS" not in text and "compare_with_reference" not in text, page
