@@ -38,8 +38,8 @@ def _load(path: str, mtime: float) -> types.SimpleNamespace:
         if cell.get("cell_type") == "code" and (is_imports(cell) or is_solution(cell)):
             code = compile(strip_magics(source(cell)), f"<reference {Path(path).name}>", "exec")
             exec(code, ns)  # noqa: S102 - the instructor's own solution code
-    ns.pop("__builtins__", None)
-    return types.SimpleNamespace(**ns)
+    # The functions keep `ns` as their globals: leave __builtins__ in it, only hide it here.
+    return types.SimpleNamespace(**{k: v for k, v in ns.items() if k != "__builtins__"})
 
 
 def reference(chapter: str) -> types.SimpleNamespace:

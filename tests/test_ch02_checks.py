@@ -92,11 +92,22 @@ def _ones(n, device):
     (lambda n, device=None: torch.tril(_ones(n, device), diagonal=-1), ["diagonal is excluded"]),
     (lambda n, device=None: _ones(n, device), ["blocks nothing"]),
     (lambda n, device=None: torch.tril(torch.ones(n, n, device=device)), ["dtype", "torch.bool"]),
-    (lambda n, device=None: torch.tril(_ones(n, None)), ["meta", "requested device"]),
     (lambda n, device=None: torch.tril(_ones(n, device))[None], ["shape"]),
 ])
 def test_causal_mask_mutants(mutant, words):
     fails_with(check_causal_mask, mutant, *words)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to see a mask on the wrong device")
+def test_causal_mask_ignoring_its_device_fails():
+    fails_with(check_causal_mask, lambda n, device=None: torch.tril(_ones(n, None)), "requested device")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to see a mask on the wrong device")
+def test_padding_mask_ignoring_the_device_of_lengths_fails():
+    fails_with(check_padding_mask, lambda lengths, max_len: padding_mask(lengths.cpu(), max_len), "cpu")
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,7 +46,10 @@ def test_released_stubs_fail_visible_tests(chapter, exercise):
     for cell in released:
         if cell.get("cell_type") == "code" and is_solution(cell):
             assert "raise NotImplementedError()" in source(cell)
-            exec(strip_magics(source(cell)), ns)
+            try:   # a stub may raise at top level (e.g. "paste your chapter-2 attention here")
+                exec(strip_magics(source(cell)), ns)
+            except NotImplementedError:
+                pass
     test = next(source(c) for c in released
                 if c.get("metadata", {}).get("nbgrader", {}).get("grade_id") == exercise.test_id)
     assert HIDDEN not in test and "BEGIN SOLUTION" not in test

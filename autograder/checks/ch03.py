@@ -10,13 +10,12 @@ broadcastable against the logits ``(..., L_q, L_k)``. ``nn.MultiheadAttention`` 
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 
 from .core import (CheckFailure, call, devices, expect_close, expect_tensor, fail, forbid_names,
-                   grads, passed, randn, source_of)
+                   grads, passed, randn)
 
 MHA_FORBIDDEN = ("MultiheadAttention", "multi_head_attention_forward", "scaled_dot_product_attention",
                  "_scaled_dot_product_attention_math")
@@ -241,21 +240,6 @@ def check_split_merge(split_heads, merge_heads) -> None:
 # Exercise 2: MultiHeadAttention
 # --------------------------------------------------------------------------------------------
 
-def _forbid_in_class(cls, names, exercise: str, hint: str) -> None:
-    """forbid_names for a class, also where its own source cannot be read (a class defined in a
-    notebook kernel has no file): then scan the methods it defines, whose source is available."""
-    if source_of(cls) is not None or not isinstance(cls, type):
-        forbid_names(cls, names, exercise, hint)
-        return
-    for klass in cls.__mro__:
-        if klass is object or klass.__module__.split(".")[0] == "torch":
-            continue
-        for attr in vars(klass).values():
-            fn = getattr(attr, "__func__", attr)
-            if inspect.isfunction(fn):
-                forbid_names(fn, names, exercise, hint)
-
-
 def _random_params(d_model: int, seed: int, device, dtype=torch.float32) -> dict:
     scale = 1.0 / math.sqrt(d_model)
     return {name: randn(*((d_model, d_model) if name.endswith("weight") else (d_model,)),
@@ -321,7 +305,7 @@ def check_multi_head_attention(MultiHeadAttention) -> None:
     """Visible tests for exercise 2. ``MultiHeadAttention(d_model, num_heads)``;
     ``forward(query, key, value, mask=None)`` returns ``(output (B, L_q, d_model),
     weights (B, num_heads, L_q, L_k))``; True in ``mask`` = may attend."""
-    _forbid_in_class(MultiHeadAttention, MHA_FORBIDDEN, "MultiHeadAttention",
+    forbid_names(MultiHeadAttention, MHA_FORBIDDEN, "MultiHeadAttention",
                      "Use your split_heads and merge_heads and your own "
                      "scaled_dot_product_attention(q, k, v, mask) from chapter 2 (calling it by its "
                      "plain name is fine; torch's versions are not).")

@@ -23,7 +23,7 @@ import torch
 __all__ = [
     "CheckFailure", "fail", "call", "expect_tensor", "expect_close", "max_abs_diff", "is_close",
     "tolerance", "devices", "randn", "grads", "passed", "describe", "source_of",
-    "forbid_names", "compare_with_reference", "compare_module_with_reference",
+    "forbid_names", "expect_raises", "compare_with_reference", "compare_module_with_reference",
 ]
 
 
@@ -68,6 +68,23 @@ def call(fn: Callable, *args, what: str | None = None, **kwargs):
             fail(f"{what} raised NotImplementedError: replace `raise NotImplementedError()` with "
                  "your implementation and run that cell again.")
         fail(f"{what} raised {kind}: {exc}")
+
+
+def expect_raises(exc_type: type[BaseException], fn: Callable, *args, what: str, hint: str = "",
+                  **kwargs) -> None:
+    """Fail unless calling ``fn`` raises ``exc_type`` (or a subclass). Errors from the grader's
+    sandbox arrive as another type carrying ``student_type``; they are matched by name."""
+    try:
+        fn(*args, **kwargs)
+    except CheckFailure:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        kind = getattr(exc, "student_type", None)
+        names = {t.__name__ for t in exc_type.__mro__}
+        if isinstance(exc, exc_type) or kind in names:
+            return
+        fail(f"{what} should raise {exc_type.__name__}, but it raised {kind or type(exc).__name__}: {exc}. {hint}")
+    fail(f"{what} should raise {exc_type.__name__}, but it raised nothing. {hint}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +214,19 @@ def source_of(obj: Any) -> str | None:
     try:
         return textwrap.dedent(inspect.getsource(obj))
     except (OSError, TypeError):
-        return None
+        pass
+    if isinstance(obj, type):   # classes typed into a notebook have no file: read their methods
+        parts = []
+        for klass in obj.__mro__:
+            if klass is object or klass.__module__.split(".")[0] in ("torch", "builtins"):
+                continue
+            for member in vars(klass).values():
+                try:
+                    parts.append(textwrap.dedent(inspect.getsource(getattr(member, "__func__", member))))
+                except (OSError, TypeError):
+                    continue
+        return "\n".join(parts) or None
+    return None
 
 
 def _used_names(source: str) -> list[tuple[str, int]]:
@@ -335,8 +364,12 @@ def compare_module_with_reference(student_cls: Callable, reference_cls: Callable
                          "parameter names given in the exercise.")
                 del missing
                 args = inputs(dtype, device, seed)
-                stu_args = tuple(a.detach().clone().requires_grad_() for a in args)
-                ref_args = tuple(a.detach().clone().requires_grad_() for a in args)
+
+                def fresh(a):   # floating inputs get gradients; masks and indices do not
+                    a = a.detach().clone()
+                    return a.requires_grad_() if a.is_floating_point() else a
+                stu_args = tuple(fresh(a) for a in args)
+                ref_args = tuple(fresh(a) for a in args)
                 expected = _outputs(ref(*ref_args), n_outputs, "the reference")
                 got = _outputs(call(stu, *stu_args, what=label), n_outputs, label)
                 for i, (g, e) in enumerate(zip(got, expected)):
@@ -348,9 +381,12 @@ def compare_module_with_reference(student_cls: Callable, reference_cls: Callable
                 ref_params = dict(ref.named_parameters())
                 stu_params = dict(stu.named_parameters())
                 names = sorted(ref_params)
-                want = torch.autograd.grad(expected[0], [*ref_args, *(ref_params[n] for n in names)], upstream)
-                have = grads(got[0], [*stu_args, *(stu_params[n] for n in names)], upstream.clone(), label)
-                labels = [f"input {i}" for i in range(len(args))] + names
+                diff = [i for i, a in enumerate(ref_args) if a.requires_grad]
+                want = torch.autograd.grad(expected[0], [*(ref_args[i] for i in diff),
+                                                         *(ref_params[n] for n in names)], upstream)
+                have = grads(got[0], [*(stu_args[i] for i in diff), *(stu_params[n] for n in names)],
+                             upstream.clone(), label)
+                labels = [f"input {i}" for i in diff] + names
                 for h, w, n in zip(have, want, labels):
                     expect_close(h, w, f"the gradient of {label} with respect to {n}", dtype=dtype)
                     count += 1
