@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import json
 import re
 from pathlib import Path
 
@@ -25,6 +26,21 @@ def secret_lines(solutions: Path, min_len: int = 20) -> set[str]:
     return secret
 
 
+def _notebook_text(raw: str) -> str:
+    """Sources and text outputs of a notebook, decoded (in the JSON, quotes are escaped)."""
+    try:
+        cells = json.loads(raw).get("cells", [])
+    except (json.JSONDecodeError, AttributeError):
+        return raw
+    parts = []
+    for cell in cells:
+        parts.append(source(cell))
+        for out in cell.get("outputs", []) or []:
+            text = out.get("text") or (out.get("data") or {}).get("text/plain") or ""
+            parts.append("".join(text) if isinstance(text, list) else str(text))
+    return raw + "\n" + "\n".join(parts)
+
+
 def find_leaks(solutions: Path, places: list[Path]) -> list[str]:
     secret = secret_lines(solutions)
     hits = []
@@ -34,7 +50,9 @@ def find_leaks(solutions: Path, places: list[Path]) -> list[str]:
             if not f.is_file() or f.suffix not in (".ipynb", ".html", ".py", ".md", ".txt", ".js", ".json"):
                 continue
             text = f.read_text(errors="ignore")
-            if f.suffix == ".html":
+            if f.suffix == ".ipynb":
+                text = _notebook_text(text)
+            elif f.suffix == ".html":
                 text = html.unescape(re.sub(r"<[^>]+>", "", text))
             hits += [f"{f}: {s[:80]}" for s in secret if s in text]
     return hits

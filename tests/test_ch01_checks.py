@@ -1,0 +1,613 @@
+"""Chapter 1's visible checks pass the reference and correct code written differently from it,
+and name each classic mistake (each as a small mutant)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from autograder.checks.ch01 import check_attention, check_self_attention, check_softmax
+from autograder.checks.core import CheckFailure
+
+FAST = settings(max_examples=25, deadline=None)
+
+
+def fails_with(check, fn, *words):
+    with pytest.raises(CheckFailure) as info:
+        check(fn)
+    message = str(info.value)
+    for word in words:
+        assert word.lower() in message.lower(), message
+    return message
+
+
+@pytest.fixture(scope="module")
+def ref():
+    from autograder.reference import ReferenceUnavailable, reference
+    try:
+        return reference("ch01_attention")
+    except ReferenceUnavailable:
+        pytest.skip("no solutions/ here")
+
+
+# --------------------------------------------------------------------------------------------
+# Correct implementations, written differently from the reference
+# --------------------------------------------------------------------------------------------
+
+def softmax_lse(x, dim=-1):
+    """exp(x - logsumexp(x)): no explicit maximum, no division."""
+    return torch.exp(x - torch.logsumexp(x, dim=dim, keepdim=True))
+
+
+def softmax_moved(x, dim=-1):
+    """Move `dim` last, use .max(...).values (not amax), multiply by the reciprocal of the sum."""
+    y = x.movedim(dim, -1)
+    e = torch.exp(y - y.max(dim=-1, keepdim=True).values.detach())
+    return (e * e.sum(-1, keepdim=True).reciprocal()).movedim(-1, dim)
+
+
+def attention_einsum(q, k, v):
+    """einsum, and q scaled instead of the logits."""
+    q = q * q.shape[-1] ** -0.5
+    w = softmax_lse(torch.einsum("...qd,...kd->...qk", q, k), dim=-1)
+    return torch.einsum("...qk,...kd->...qd", w, v), w
+
+
+def attention_split_scale(q, k, v):
+    """Both q and k scaled by d_k^(-1/4), k.mT, and a softmax over a moved dimension."""
+    s = q.shape[-1] ** -0.25
+    w = softmax_moved((q * s) @ (k * s).mT, dim=-1)
+    return torch.matmul(w, v), w
+
+
+class SelfAttentionEinsum(nn.Module):
+    def __init__(self, d_model, d_head):
+        super().__init__()
+        self.q_proj = nn.Linear(d_model, d_head, bias=False)
+        self.k_proj = nn.Linear(d_model, d_head, bias=False)
+        self.v_proj = nn.Linear(d_model, d_head, bias=False)
+
+    def projections(self, x):
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(self, x):
+        return attention_einsum(*self.projections(x))
+
+
+class SelfAttentionFused(nn.Module):
+    """One matmul with the three weights stacked, then chunked."""
+
+    def __init__(self, d_model, d_head):
+        super().__init__()
+        self.q_proj = nn.Linear(d_model, d_head, bias=False)
+        self.k_proj = nn.Linear(d_model, d_head, bias=False)
+        self.v_proj = nn.Linear(d_model, d_head, bias=False)
+
+    def forward(self, x):
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        q, k, v = F.linear(x, w).chunk(3, dim=-1)
+        return attention_split_scale(q, k, v)
+
+
+def test_the_reference_passes(ref, capsys):
+    check_softmax(ref.softmax)
+    check_attention(ref.scaled_dot_product_attention)
+    check_self_attention(ref.SelfAttention)
+    out = capsys.readouterr().out
+    assert "softmax: all" in out and "scaled_dot_product_attention: all" in out
+    assert "SelfAttention: all" in out
+
+
+@pytest.mark.parametrize("fn", [softmax_lse, softmax_moved])
+def test_correct_softmax_passes(fn, capsys):
+    check_softmax(fn)
+    assert "softmax: all" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fn", [attention_einsum, attention_split_scale])
+def test_correct_attention_passes(fn, capsys):
+    check_attention(fn)
+    assert "scaled_dot_product_attention: all" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cls", [SelfAttentionEinsum, SelfAttentionFused])
+def test_correct_self_attention_passes(cls, capsys):
+    check_self_attention(cls)
+    assert "SelfAttention: all" in capsys.readouterr().out
+
+
+def test_own_softmax_called_by_plain_name_is_allowed(capsys):
+    def softmax(x, dim=-1):
+        return softmax_lse(x, dim)
+
+    def scaled_dot_product_attention(q, k, v):
+        w = softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+        return w @ v, w
+
+    check_attention(scaled_dot_product_attention)
+    assert "scaled_dot_product_attention: all" in capsys.readouterr().out
+
+
+def test_not_implemented_is_reported():
+    def todo(*args, **kwargs):
+        raise NotImplementedError()
+
+    class Stub(nn.Module):
+        def __init__(self, d_model, d_head):
+            super().__init__()
+            raise NotImplementedError()
+
+    class StubForward(SelfAttentionEinsum):
+        def forward(self, x):
+            raise NotImplementedError()
+
+    fails_with(check_softmax, todo, "NotImplementedError", "replace")
+    fails_with(check_attention, todo, "NotImplementedError", "replace")
+    fails_with(check_self_attention, Stub, "NotImplementedError", "replace")
+    fails_with(check_self_attention, StubForward, "NotImplementedError", "SelfAttention.forward")
+
+
+# --------------------------------------------------------------------------------------------
+# softmax mutants
+# --------------------------------------------------------------------------------------------
+
+def _stable(x, dim):
+    e = torch.exp(x - x.amax(dim=dim, keepdim=True))
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def wrong_axis(x, dim=-1):
+    other = 0 if dim % x.dim() != 0 else -1
+    return _stable(x, other)
+
+
+def over_all_elements(x, dim=-1):
+    e = torch.exp(x - x.max())
+    return e / e.sum()
+
+
+def unnormalised(x, dim=-1):
+    return torch.exp(x)
+
+
+def no_max_subtraction(x, dim=-1):
+    e = torch.exp(x)
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def subtracts_mean(x, dim=-1):
+    e = torch.exp(x - x.mean(dim=dim, keepdim=True))
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def subtracts_max_abs(x, dim=-1):
+    """Shift-invariant and overflow-free on finite inputs, but -inf - inf everywhere with -inf."""
+    e = torch.exp(x - x.abs().amax(dim=dim, keepdim=True))
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def epsilon_everywhere(x, dim=-1):
+    e = torch.exp(x - x.amax(dim=dim, keepdim=True)) + 1e-12
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def log_softmax_by_hand(x, dim=-1):
+    m = x.amax(dim=dim, keepdim=True)
+    return x - m - torch.log(torch.exp(x - m).sum(dim=dim, keepdim=True))
+
+
+def returns_numpy(x, dim=-1):
+    return _stable(x, dim).detach().cpu().numpy()
+
+
+def returns_list(x, dim=-1):
+    return _stable(x, dim).tolist()
+
+
+def always_float32(x, dim=-1):
+    return _stable(x.float(), dim)
+
+
+def detached(x, dim=-1):
+    return _stable(x.detach(), dim)
+
+
+def via_item(x, dim=-1):
+    """A Python float for the maximum is fine; torch.tensor(...) on the result is not."""
+    return torch.tensor(_stable(x, dim).tolist(), dtype=x.dtype, device=x.device)
+
+
+@pytest.mark.parametrize("mutant, words", [
+    (wrong_axis, ["wrong axis", "`dim` argument"]),
+    (over_all_elements, ["over all elements"]),
+    (unnormalised, ["unnormalised exponentials"]),
+    (no_max_subtraction, ["overflows", "subtract the maximum"]),
+    (log_softmax_by_hand, ["log-softmax"]),
+    (returns_numpy, ["should be a torch.Tensor", "numpy.ndarray"]),
+    (returns_list, ["should be a torch.Tensor", "list"]),
+    (always_float32, ["dtype torch.float32", "expected torch.float64"]),
+    (detached, ["Gradients do not flow"]),
+    (via_item, ["Gradients do not flow"]),
+    (subtracts_max_abs, ["NaN", "-inf", "row maximum"]),
+    (epsilon_everywhere, ["-inf must get weight exactly 0"]),
+])
+def test_softmax_mutants(mutant, words):
+    fails_with(check_softmax, mutant, *words)
+
+
+def test_softmax_subtracting_the_mean_is_told_to_subtract_the_maximum():
+    """The mean is no bound on the logits: it overflows at ±1e4 (and gives NaN with -inf
+    entries); either way the message names the fix."""
+    fails_with(check_softmax, subtracts_mean, "NaN", "subtract", "maximum")
+    assert torch.isnan(subtracts_mean(torch.tensor([[0.0, float("-inf"), 1.0]]))).any()
+
+
+def torch_softmax(x, dim=-1):
+    return torch.softmax(x, dim)
+
+
+def functional_softmax(x, dim=-1):
+    return F.softmax(x, dim=dim)
+
+
+def method_softmax(x, dim=-1):
+    return x.softmax(dim)
+
+
+def getattr_softmax(x, dim=-1):
+    return getattr(torch, "softmax")(x, dim)
+
+
+def imported_softmax(x, dim=-1):
+    from torch.nn.functional import softmax as sm
+    return sm(x, dim=dim)
+
+
+def exp_of_log_softmax(x, dim=-1):
+    return torch.log_softmax(x, dim).exp()
+
+
+def module_softmax(x, dim=-1):
+    return nn.Softmax(dim=dim)(x)
+
+
+@pytest.mark.parametrize("mutant, name", [
+    (torch_softmax, "softmax"),
+    (functional_softmax, "softmax"),
+    (method_softmax, "softmax"),
+    (getattr_softmax, "softmax"),
+    (imported_softmax, "softmax"),
+    (exp_of_log_softmax, "log_softmax"),
+    (module_softmax, "Softmax"),
+])
+def test_softmax_shortcuts_are_forbidden(mutant, name):
+    message = fails_with(check_softmax, mutant, f"without `{name}`", "line", "torch.exp")
+    assert message.startswith("softmax must be written")
+
+
+# --------------------------------------------------------------------------------------------
+# scaled_dot_product_attention mutants
+# --------------------------------------------------------------------------------------------
+
+def _logits(q, k):
+    return q @ k.transpose(-2, -1)
+
+
+def _pair(w, v):
+    return w @ v, w
+
+
+def no_scaling(q, k, v):
+    return _pair(softmax_lse(_logits(q, k)), v)
+
+
+def scaled_by_d_k(q, k, v):
+    return _pair(softmax_lse(_logits(q, k) / q.shape[-1]), v)
+
+
+def scaled_after_softmax(q, k, v):
+    return _pair(softmax_lse(_logits(q, k)) / math.sqrt(q.shape[-1]), v)
+
+
+def softmax_over_queries(q, k, v):
+    return _pair(softmax_lse(_logits(q, k) / math.sqrt(q.shape[-1]), dim=-2), v)
+
+
+def multiplied_by_sqrt(q, k, v):
+    return _pair(softmax_lse(_logits(q, k) * math.sqrt(q.shape[-1])), v)
+
+
+def output_scaled(q, k, v):
+    out, w = attention_einsum(q, k, v)
+    return out * math.sqrt(q.shape[-1]), w
+
+
+def output_only(q, k, v):
+    return attention_einsum(q, k, v)[0]
+
+
+def returns_a_list(q, k, v):
+    return list(attention_einsum(q, k, v))
+
+
+def attention_detached(q, k, v):
+    return attention_einsum(q.detach(), k.detach(), v.detach())
+
+
+def uses_pytorch_attention(q, k, v):
+    w = softmax_lse(_logits(q, k) / math.sqrt(q.shape[-1]))
+    return F.scaled_dot_product_attention(q, k, v), w
+
+
+@pytest.mark.parametrize("mutant, words", [
+    (no_scaling, ["no scaling", "√d_k"]),
+    (scaled_by_d_k, ["scaled by d_k instead of √d_k"]),
+    (scaled_after_softmax, ["after the softmax"]),
+    (softmax_over_queries, ["dim -2", "wrong axis"]),
+    (multiplied_by_sqrt, ["multiplied by √d_k"]),
+    (output_scaled, ["scale the output instead of the logits"]),
+    (output_only, ["tuple (output, weights)", "Tensor"]),
+    (returns_a_list, ["tuple (output, weights)", "list"]),
+    (attention_detached, ["Gradients do not flow"]),
+    (uses_pytorch_attention, ["without `scaled_dot_product_attention`", "line"]),
+])
+def test_attention_mutants(mutant, words):
+    fails_with(check_attention, mutant, *words)
+
+
+def output_uses_k(q, k, v):
+    w = softmax_lse(_logits(q, k) / math.sqrt(q.shape[-1]))
+    return w @ k, w
+
+
+def test_attention_output_with_k_instead_of_v_fails():
+    fails_with(check_attention, output_uses_k, "output")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "ch01.check_attention: the first visible case has d_v=6 != d_k=8, so `weights @ k` fails "
+    "expect_tensor's shape check ('has shape (2, 3, 8), expected (2, 3, 6)') before the "
+    "'weights times V, not times K' mistake (only built when d_k == d_v) can ever be reported"))
+def test_attention_output_with_k_instead_of_v_is_named():
+    fails_with(check_attention, output_uses_k, "weights @ v")
+
+
+def attention_always_float32(q, k, v):
+    out, w = attention_einsum(q.float(), k.float(), v.float())
+    return out, w
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "ch01.check_attention checks the dtype only on float32 inputs; on the float64 gradient case "
+    "it never calls expect_tensor(..., dtype=q.dtype), so an implementation that casts to float32 "
+    "fails only with 'the gradient ... differs by up to ~1e-7' and the message never says dtype"))
+def test_attention_losing_float64_names_the_dtype():
+    fails_with(check_attention, attention_always_float32, "dtype")
+
+
+# --------------------------------------------------------------------------------------------
+# SelfAttention mutants
+# --------------------------------------------------------------------------------------------
+
+class WrongNames(nn.Module):
+    def __init__(self, d_model, d_head):
+        super().__init__()
+        self.W_q = nn.Linear(d_model, d_head, bias=False)
+        self.W_k = nn.Linear(d_model, d_head, bias=False)
+        self.W_v = nn.Linear(d_model, d_head, bias=False)
+
+    def forward(self, x):
+        return attention_einsum(self.W_q(x), self.W_k(x), self.W_v(x))
+
+
+class WithBias(SelfAttentionEinsum):
+    def __init__(self, d_model, d_head):
+        super().__init__(d_model, d_head)
+        self.q_proj = nn.Linear(d_model, d_head)
+        self.k_proj = nn.Linear(d_model, d_head)
+        self.v_proj = nn.Linear(d_model, d_head)
+
+
+class RawParameters(nn.Module):
+    """Right names for the projections, but plain Parameters: 'q_proj' instead of 'q_proj.weight'."""
+
+    def __init__(self, d_model, d_head):
+        super().__init__()
+        self.q_proj = nn.Parameter(torch.randn(d_head, d_model))
+        self.k_proj = nn.Parameter(torch.randn(d_head, d_model))
+        self.v_proj = nn.Parameter(torch.randn(d_head, d_model))
+
+    def forward(self, x):
+        return attention_einsum(x @ self.q_proj.T, x @ self.k_proj.T, x @ self.v_proj.T)
+
+
+class InOutSwapped(SelfAttentionEinsum):
+    def __init__(self, d_model, d_head):
+        nn.Module.__init__(self)
+        self.q_proj = nn.Linear(d_head, d_model, bias=False)
+        self.k_proj = nn.Linear(d_head, d_model, bias=False)
+        self.v_proj = nn.Linear(d_head, d_model, bias=False)
+
+
+class KeysFromQProj(SelfAttentionEinsum):
+    def projections(self, x):
+        return self.q_proj(x), self.q_proj(x), self.v_proj(x)
+
+
+class SwappedQK(SelfAttentionEinsum):
+    def projections(self, x):
+        return self.k_proj(x), self.q_proj(x), self.v_proj(x)
+
+
+class ValuesNotProjected(SelfAttentionEinsum):
+    def projections(self, x):
+        return self.q_proj(x), self.k_proj(x), x[..., :self.v_proj.out_features]
+
+
+class NotAModule:
+    def __init__(self, d_model, d_head):
+        self.q_proj = nn.Linear(d_model, d_head, bias=False)
+        self.k_proj = nn.Linear(d_model, d_head, bias=False)
+        self.v_proj = nn.Linear(d_model, d_head, bias=False)
+
+    def __call__(self, x):
+        return attention_einsum(self.q_proj(x), self.k_proj(x), self.v_proj(x))
+
+
+class NoSuperInit(nn.Module):
+    def __init__(self, d_model, d_head):
+        self.q_proj = nn.Linear(d_model, d_head, bias=False)
+
+
+class OutputOnly(SelfAttentionEinsum):
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
+class DetachedOutput(SelfAttentionEinsum):
+    def forward(self, x):
+        out, w = super().forward(x)
+        return out.detach(), w.detach()
+
+
+class Unscaled(SelfAttentionEinsum):
+    def forward(self, x):
+        q, k, v = self.projections(x)
+        return no_scaling(q, k, v)
+
+
+@pytest.mark.parametrize("cls, words", [
+    (WrongNames, ["parameters should be exactly", "q_proj", "W_q.weight"]),
+    (WithBias, ["parameters should be exactly", "bias=False", "q_proj.bias"]),
+    (RawParameters, ["parameters should be exactly", "nn.Linear"]),
+    (InOutSwapped, ["has shape (12, 8), expected (8, 12)", "(out, in)"]),
+    (KeysFromQProj, ["keys seem to be computed with q_proj", "use k_proj"]),
+    (ValuesNotProjected, ["does not use v_proj"]),
+    (NotAModule, ["torch.nn.Module"]),
+    (NoSuperInit, ["raised AttributeError", "before Module.__init__() call"]),
+    (OutputOnly, ["tuple (output, weights)"]),
+    (DetachedOutput, ["Gradients do not flow"]),
+    (Unscaled, ["SelfAttention output", "differs"]),
+])
+def test_self_attention_mutants(cls, words):
+    fails_with(check_self_attention, cls, *words)
+
+
+def test_self_attention_with_q_and_k_swapped_fails():
+    fails_with(check_self_attention, SwappedQK, "SelfAttention output")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "ch01.check_self_attention: the mistake labelled `swapped` is computed with keys = q_proj(x) "
+    "(queries and keys both from q_proj), not with q_proj and k_proj exchanged; a real swap "
+    "(softmax(K Qᵀ): the transposed scores) gets only the generic 'differs from the expected "
+    "result' message"))
+def test_self_attention_with_q_and_k_swapped_is_named():
+    fails_with(check_self_attention, SwappedQK, "q_proj", "k_proj")
+
+
+class LogitsAsWeights(SelfAttentionEinsum):
+    def forward(self, x):
+        q, k, v = self.projections(x)
+        out, _ = attention_einsum(q, k, v)
+        return out, q @ k.transpose(-2, -1)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "ch01.check_self_attention only checks the weights' shape, dtype and device, never their "
+    "values: returning the raw scores QKᵀ as the weights passes the visible check"))
+def test_self_attention_wrong_weights_fail():
+    fails_with(check_self_attention, LogitsAsWeights, "weights")
+
+
+# --------------------------------------------------------------------------------------------
+# Properties (hypothesis)
+# --------------------------------------------------------------------------------------------
+
+@st.composite
+def tensors_and_dims(draw):
+    shape = draw(st.lists(st.integers(1, 5), min_size=1, max_size=4))
+    dim = draw(st.integers(-len(shape), len(shape) - 1))
+    seed = draw(st.integers(0, 2 ** 16))
+    g = torch.Generator().manual_seed(seed)
+    scale = draw(st.sampled_from([1.0, 10.0, 300.0]))
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale, dim
+
+
+@FAST
+@given(tensors_and_dims(), st.floats(-1e3, 1e3))
+def test_reference_softmax_is_a_shift_invariant_distribution(ref, case, shift):
+    x, dim = case
+    p = ref.softmax(x, dim=dim)
+    assert p.shape == x.shape and p.dtype == x.dtype
+    assert (p >= 0).all() and torch.isfinite(p).all()
+    torch.testing.assert_close(p.sum(dim), torch.ones_like(p.sum(dim)), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ref.softmax(x + shift, dim=dim), p, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(p, torch.softmax(x, dim), rtol=1e-9, atol=1e-12)
+
+
+@FAST
+@given(tensors_and_dims())
+def test_correct_softmaxes_agree_with_pytorch_and_zero_out_minus_inf(case):
+    x, dim = case
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(x.numel())) < 0.3
+    first = torch.zeros(x.shape[dim], dtype=torch.bool)
+    first[0] = True   # keep one finite entry in every slice
+    mask &= ~first.view(-1, *[1] * (x.dim() - 1 - dim % x.dim()))
+    x = x.masked_fill(mask, float("-inf"))
+    want = torch.softmax(x, dim)
+    for fn in (softmax_lse, softmax_moved):
+        got = fn(x, dim)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        assert (got[mask] == 0).all()
+
+
+_SHIFTS = {
+    "amax": lambda y: y.amax(-1, keepdim=True),
+    "max values": lambda y: y.max(-1, keepdim=True).values,
+    "detached max": lambda y: y.amax(-1, keepdim=True).detach(),
+    "logsumexp": lambda y: torch.logsumexp(y, -1, keepdim=True),
+}
+_NORMALISERS = {
+    "divide": lambda e: e / e.sum(-1, keepdim=True),
+    "reciprocal": lambda e: e * e.sum(-1, keepdim=True).reciprocal(),
+    "log-space": lambda e: torch.exp(torch.log(e) - torch.log(e.sum(-1, keepdim=True))),
+}
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from(sorted(_SHIFTS)), st.sampled_from(sorted(_NORMALISERS)), st.booleans())
+def test_check_softmax_passes_any_valid_formulation(shift, normaliser, move_dim):
+    shift_fn, norm_fn = _SHIFTS[shift], _NORMALISERS[normaliser]
+
+    def softmax(x, dim=-1):
+        y = x.movedim(dim, -1) if move_dim else x.transpose(dim, -1)
+        p = norm_fn(torch.exp(y - shift_fn(y)))
+        return p.movedim(-1, dim) if move_dim else p.transpose(dim, -1)
+
+    check_softmax(softmax)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from(["logits", "q", "k and q", "einsum"]), st.booleans())
+def test_check_attention_passes_any_valid_formulation(where, transpose_first):
+    def scaled_dot_product_attention(q, k, v):
+        d = q.shape[-1]
+        kt = k.transpose(-2, -1) if transpose_first else k.mT
+        if where == "logits":
+            s = (q @ kt) / math.sqrt(d)
+        elif where == "q":
+            s = (q / math.sqrt(d)) @ kt
+        elif where == "k and q":
+            s = (q * d ** -0.25) @ (kt * d ** -0.25)
+        else:
+            s = torch.einsum("...qd,...kd->...qk", q, k) * d ** -0.5
+        w = softmax_lse(s, dim=-1)
+        return w @ v, w
+
+    check_attention(scaled_dot_product_attention)
