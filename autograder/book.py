@@ -10,6 +10,7 @@ anything itself.
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,17 @@ OUT = REPO / "book" / "_chapters"
 def execute_source(chapter: str, timeout: int = 600):
     path = REPO / "solutions" / chapter / f"{chapter}.ipynb"
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, kernel_name="python3", timeout=timeout,
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    # Figures must come out inline whatever the caller's MPLBACKEND says (Agg would draw nothing).
+    old = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    try:
+        NotebookClient(nb, kernel_name="python3", timeout=timeout,
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        if old is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = old
     return nb
 
 

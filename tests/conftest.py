@@ -14,7 +14,6 @@ sys.path.insert(0, str(REPO))
 
 # nbgrader shells out to `alembic`: put this environment's scripts first on PATH.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
-os.environ.setdefault("MPLBACKEND", "Agg")
 
 from autograder.chapters import CHAPTERS  # noqa: E402
 

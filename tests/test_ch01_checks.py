@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -369,10 +368,6 @@ def test_attention_output_with_k_instead_of_v_fails():
     fails_with(check_attention, output_uses_k, "output")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ch01.check_attention: the first visible case has d_v=6 != d_k=8, so `weights @ k` fails "
-    "expect_tensor's shape check ('has shape (2, 3, 8), expected (2, 3, 6)') before the "
-    "'weights times V, not times K' mistake (only built when d_k == d_v) can ever be reported"))
 def test_attention_output_with_k_instead_of_v_is_named():
     fails_with(check_attention, output_uses_k, "weights @ v")
 
@@ -382,10 +377,6 @@ def attention_always_float32(q, k, v):
     return out, w
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ch01.check_attention checks the dtype only on float32 inputs; on the float64 gradient case "
-    "it never calls expect_tensor(..., dtype=q.dtype), so an implementation that casts to float32 "
-    "fails only with 'the gradient ... differs by up to ~1e-7' and the message never says dtype"))
 def test_attention_losing_float64_names_the_dtype():
     fails_with(check_attention, attention_always_float32, "dtype")
 
@@ -502,11 +493,6 @@ def test_self_attention_with_q_and_k_swapped_fails():
     fails_with(check_self_attention, SwappedQK, "SelfAttention output")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ch01.check_self_attention: the mistake labelled `swapped` is computed with keys = q_proj(x) "
-    "(queries and keys both from q_proj), not with q_proj and k_proj exchanged; a real swap "
-    "(softmax(K Qᵀ): the transposed scores) gets only the generic 'differs from the expected "
-    "result' message"))
 def test_self_attention_with_q_and_k_swapped_is_named():
     fails_with(check_self_attention, SwappedQK, "q_proj", "k_proj")
 
@@ -518,9 +504,6 @@ class LogitsAsWeights(SelfAttentionEinsum):
         return out, q @ k.transpose(-2, -1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ch01.check_self_attention only checks the weights' shape, dtype and device, never their "
-    "values: returning the raw scores QKᵀ as the weights passes the visible check"))
 def test_self_attention_wrong_weights_fail():
     fails_with(check_self_attention, LogitsAsWeights, "weights")
 

@@ -299,8 +299,10 @@ def test_own_attention_function_by_plain_name_is_allowed(capsys):
 
 def test_forbidden_name_found_when_class_source_is_unavailable(monkeypatch):
     """In a notebook kernel a class has no source file; the methods' source is still scanned."""
-    real = ch03.source_of
-    monkeypatch.setattr(ch03, "source_of", lambda obj: None if isinstance(obj, type) else real(obj))
+    from autograder.checks import core
+    real = core.inspect.getsource
+    monkeypatch.setattr(core.inspect, "getsource",
+                        lambda obj: (_ for _ in ()).throw(OSError("no file")) if isinstance(obj, type) else real(obj))
     with pytest.raises(CheckFailure, match="without `scaled_dot_product_attention`"):
         check_multi_head_attention(UsesTorchSDPA)
 

@@ -86,7 +86,7 @@ def test_feedback_names_the_failure_and_hides_hidden_tests(course):
     for path in (root / "feedback").rglob("*.html"):
         text = path.read_text()
         assert "BEGIN HIDDEN TESTS" not in text and "compare_with_reference" not in text
-        assert "BEGIN SOLUTION" not in text
+        assert "reference(" not in text, "a hidden test's reference lookup is shown"
 
 
 def test_grades_are_exported(course):

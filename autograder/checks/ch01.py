@@ -142,6 +142,9 @@ def check_attention(scaled_dot_product_attention) -> None:
                      f"returned {type(result).__name__}.")
             out, w = result
             what = f"({label})"
+            if type(out) is torch.Tensor and dv != sq[-1] and out.shape[-1] == sk[-1]:
+                fail(f"output ({label}) has the width of the keys (d_k={sk[-1]}), not of the values "
+                     f"(d_v={dv}): the output is weights @ v, not weights @ k.")
             expect_tensor(w, f"weights {what}", shape=(*sq[:-1], sk[-2]), dtype=q.dtype, device=device)
             expect_tensor(out, f"output {what}", shape=(*sq[:-1], dv), dtype=q.dtype, device=device)
             wrong_w, wrong_out = _attention_mistakes(q, k, v)
@@ -153,6 +156,7 @@ def check_attention(scaled_dot_product_attention) -> None:
         # Gradients with respect to q, k and v, against PyTorch's fused attention.
         q, k, v = (t.double().requires_grad_() for t in _attention_inputs((2, 3, 8), (2, 5, 8), 4, 7, device))
         out, _ = call(fn, q, k, v, what="scaled_dot_product_attention(q, k, v) in float64")
+        expect_tensor(out, "output for float64 inputs", dtype=torch.float64, device=device)
         upstream = randn(2, 3, 4, seed=99, dtype=torch.float64, device=device)
         got = grads(out, [q, k, v], upstream, "the attention output")
         q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -169,6 +173,8 @@ SELF_ATTENTION_PARAMS = ("q_proj.weight", "k_proj.weight", "v_proj.weight")
 def check_self_attention(SelfAttention) -> None:
     """Visible tests for exercise 3. ``SelfAttention(d_model, d_head)``; ``forward(x)`` with
     ``x: (..., L, d_model)`` returns ``(output (..., L, d_head), weights (..., L, L))``."""
+    forbid_names(SelfAttention, ATTENTION_FORBIDDEN, "SelfAttention",
+                 "Build it on your own scaled_dot_product_attention.")
     d_model, d_head = 12, 8
     n = 0
     for device in devices():
@@ -200,13 +206,19 @@ def check_self_attention(SelfAttention) -> None:
         xr = x.detach().clone().requires_grad_()
         q, k, v = (xr @ weights[n_].T for n_ in SELF_ATTENTION_PARAMS)
         want = F.scaled_dot_product_attention(q, k, v)
-        swapped = F.scaled_dot_product_attention(xr @ weights["q_proj.weight"].T,
-                                                 xr @ weights["q_proj.weight"].T,
-                                                 xr @ weights["v_proj.weight"].T)
+        keys_from_q = F.scaled_dot_product_attention(q, xr @ weights["q_proj.weight"].T, v)
+        swapped = F.scaled_dot_product_attention(k, q, v)
         expect_close(out, want, "SelfAttention output", mistakes={
-            "keys seem to be computed with q_proj: use k_proj for keys.": swapped,
+            "keys seem to be computed with q_proj: use k_proj for keys.": keys_from_q,
+            "q_proj and k_proj are swapped (queries come from q_proj, keys from k_proj).": swapped,
             "the output does not use v_proj: values are v_proj(x).":
                 F.scaled_dot_product_attention(q, k, xr[..., :d_head]) if d_head <= d_model else None,
+        })
+        want_w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d_head), -1)
+        expect_close(w, want_w, "SelfAttention weights", mistakes={
+            "q_proj and k_proj are swapped (queries come from q_proj, keys from k_proj).":
+                torch.softmax(k @ q.transpose(-2, -1) / math.sqrt(d_head), -1),
+            "these are the raw scores: return the softmax weights.": q @ k.transpose(-2, -1) / math.sqrt(d_head),
         })
         n += 2
         upstream = randn(2, 5, d_head, seed=31, device=device)

@@ -14,6 +14,7 @@ message names the likely mistake. Nothing here knows the reference solution.
 from __future__ import annotations
 
 import ast
+import builtins
 import inspect
 import textwrap
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -70,6 +71,16 @@ def call(fn: Callable, *args, what: str | None = None, **kwargs):
         fail(f"{what} raised {kind}: {exc}")
 
 
+def _student_raised(exc, exc_type: type) -> bool:
+    """Does a sandbox error stand for an instance of ``exc_type``? Judged by the class names of
+    the student's exception (its MRO), or, for a builtin type, by the builtin class itself."""
+    mro = getattr(exc, "student_mro", None)
+    if mro:
+        return exc_type.__name__ in mro
+    cls = getattr(builtins, str(getattr(exc, "student_type", "")), None)
+    return isinstance(cls, type) and issubclass(cls, exc_type)
+
+
 def expect_raises(exc_type: type[BaseException], fn: Callable, *args, what: str, hint: str = "",
                   **kwargs) -> None:
     """Fail unless calling ``fn`` raises ``exc_type`` (or a subclass). Errors from the grader's
@@ -80,8 +91,7 @@ def expect_raises(exc_type: type[BaseException], fn: Callable, *args, what: str,
         raise
     except Exception as exc:  # noqa: BLE001
         kind = getattr(exc, "student_type", None)
-        names = {t.__name__ for t in exc_type.__mro__}
-        if isinstance(exc, exc_type) or kind in names:
+        if isinstance(exc, exc_type) if kind is None else _student_raised(exc, exc_type):
             return
         fail(f"{what} should raise {exc_type.__name__}, but it raised {kind or type(exc).__name__}: {exc}. {hint}")
     fail(f"{what} should raise {exc_type.__name__}, but it raised nothing. {hint}")
@@ -221,8 +231,9 @@ def source_of(obj: Any) -> str | None:
             if klass is object or klass.__module__.split(".")[0] in ("torch", "builtins"):
                 continue
             for member in vars(klass).values():
+                member = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
                 try:
-                    parts.append(textwrap.dedent(inspect.getsource(getattr(member, "__func__", member))))
+                    parts.append(textwrap.dedent(inspect.getsource(member)))
                 except (OSError, TypeError):
                     continue
         return "\n".join(parts) or None
@@ -240,8 +251,9 @@ def _used_names(source: str) -> list[tuple[str, int]]:
         if isinstance(node, ast.Attribute):
             found.append((node.attr, node.lineno))
         elif isinstance(node, ast.ImportFrom):
-            found.extend((a.name, node.lineno) for a in node.names)
             found.append((node.module or "", node.lineno))
+            found.extend((a.name, node.lineno) for a in node.names)
+            found.extend((f"{node.module}.{a.name}", node.lineno) for a in node.names if node.module)
         elif isinstance(node, ast.Import):
             found.extend((a.name, node.lineno) for a in node.names)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
@@ -365,7 +377,9 @@ def compare_module_with_reference(student_cls: Callable, reference_cls: Callable
                 del missing
                 args = inputs(dtype, device, seed)
 
-                def fresh(a):   # floating inputs get gradients; masks and indices do not
+                def fresh(a):   # floating inputs get gradients; masks, indices, flags do not
+                    if not isinstance(a, torch.Tensor):
+                        return a
                     a = a.detach().clone()
                     return a.requires_grad_() if a.is_floating_point() else a
                 stu_args = tuple(fresh(a) for a in args)
@@ -381,7 +395,7 @@ def compare_module_with_reference(student_cls: Callable, reference_cls: Callable
                 ref_params = dict(ref.named_parameters())
                 stu_params = dict(stu.named_parameters())
                 names = sorted(ref_params)
-                diff = [i for i, a in enumerate(ref_args) if a.requires_grad]
+                diff = [i for i, a in enumerate(ref_args) if isinstance(a, torch.Tensor) and a.requires_grad]
                 want = torch.autograd.grad(expected[0], [*(ref_args[i] for i in diff),
                                                          *(ref_params[n] for n in names)], upstream)
                 have = grads(got[0], [*(stu_args[i] for i in diff), *(stu_params[n] for n in names)],

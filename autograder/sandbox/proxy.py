@@ -20,7 +20,8 @@ class StudentError(RuntimeError):
     """The student's code raised (or its process failed); ``student_type`` is the exception's
     type name in the student's process, so messages read as they would in the student's kernel."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, mro: list | None = None):
+        self.student_mro = [str(m) for m in mro] if isinstance(mro, list) else None
         kind, sep, rest = text.partition(": ")
         if sep and kind.isidentifier():
             self.student_type, message = kind, rest
@@ -80,7 +81,7 @@ class Session:
         except SandboxFailure as exc:
             raise StudentError(f"your code's process failed: {exc}") from None
         if not reply.get("ok"):
-            raise StudentError(str(reply.get("error", "unknown error")))
+            raise StudentError(str(reply.get("error", "unknown error")), reply.get("mro"))
         return reply
 
 

@@ -79,6 +79,7 @@ def main(fd_in: int, fd_out: int) -> None:
             reply = _handle(req, shell, handles)
         except BaseException as exc:  # noqa: BLE001 - every student failure becomes a reply
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                     "mro": [c.__name__ for c in type(exc).__mro__],
                      "traceback": "".join(traceback.format_exception(exc)[-6:])[-4000:]}
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
