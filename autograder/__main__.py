@@ -2,7 +2,8 @@
 
   release            regenerate notebooks/ from solutions/ (nbgrader generate_assignment)
   check              fail if notebooks/ is stale or anything students see leaks a solution line
-  book               check, execute the chapters with the reference, build the book (-W)
+  book               check, execute the chapters with the reference, build the book (-W);
+                     --offline-math to view it without internet (needs libjs-mathjax)
   grade ASSIGNMENT   autograde every submission in submitted/, write feedback and grades.csv
 """
 from __future__ import annotations
@@ -66,7 +67,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("release")
     sub.add_parser("check")
-    sub.add_parser("book")
+    b = sub.add_parser("book")
+    b.add_argument("--offline-math", action="store_true",
+                   help="serve MathJax from Debian's libjs-mathjax (for viewing without internet)")
     g = sub.add_parser("grade")
     g.add_argument("assignment")
     g.add_argument("--course", type=Path, default=REPO, help="course root with submitted/ (default: the repo)")
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
         if _check():
             return 1
         from .book import build
-        html = build()
+        html = build(offline_math=args.offline_math)
         print(f"Book built: open {html / 'index.html'}")
         return 0
     if args.command == "grade":

@@ -75,10 +75,32 @@ def write_pages(chapters=CHAPTERS) -> list[Path]:
     return written
 
 
-def build(strict: bool = True) -> Path:
+LOCAL_MATHJAX = Path("/usr/share/javascript/mathjax/MathJax.js")   # Debian's libjs-mathjax
+
+
+def _offline_config() -> Path:
+    """_config.yml with MathJax served from disk, for looking at the book on a machine without
+    internet (screenshots, reviews). The published site keeps the CDN."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "_config.yml").read_text())
+    sphinx = config.setdefault("sphinx", {}).setdefault("config", {})
+    sphinx["mathjax_path"] = f"file://{LOCAL_MATHJAX}?config=TeX-AMS-MML_HTMLorMML"
+    sphinx["myst_update_mathjax"] = False
+    path = REPO / "_build" / "offline_config.yml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def build(strict: bool = True, offline_math: bool = False) -> Path:
     """Write the chapter pages and run ``jupyter-book build``; return the HTML folder."""
     ensure_tools_on_path()
     write_pages()
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(REPO)] + (["-W", "--keep-going"] if strict else [])
+    if offline_math:
+        if not LOCAL_MATHJAX.exists():
+            raise RuntimeError("offline math needs Debian's libjs-mathjax (apt-get install libjs-mathjax)")
+        cmd += ["--config", str(_offline_config())]
     subprocess.run(cmd, check=True, cwd=REPO)
     return REPO / "_build" / "html"

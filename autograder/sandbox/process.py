@@ -80,6 +80,7 @@ class Sandbox:
         self.history: list[str] = []    # cells that ran to completion, replayed after a restart
         self.restarts = 0
         self.proc: subprocess.Popen | None = None
+        self._cuda = torch.cuda.is_available()
         self._scratch = Path(tempfile.mkdtemp(prefix="afs-sandbox-"))
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ class Sandbox:
         cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
                 "--dir", "/home/student", "--bind", str(self._work), "/home/student/work",
                 "--chdir", "/home/student/work"]
-        if torch.cuda.is_available():   # the GPU, its driver's view of /sys, nothing else
+        if self._cuda:   # the GPU, its driver's view of /sys, nothing else
             for dev in sorted(Path("/dev").glob("nvidia*")):
                 cmd += ["--dev-bind", str(dev), str(dev)]
             cmd += ["--ro-bind", "/sys", "/sys"]
@@ -118,7 +119,10 @@ class Sandbox:
 
     def _preexec(self):
         lim = self.limits
-        resource.setrlimit(resource.RLIMIT_AS, (lim.memory_bytes, lim.memory_bytes))
+        if not self._cuda:
+            # CUDA reserves far more virtual address space than any sane limit, so on a GPU grader
+            # there is no address-space limit (see book/grader.md, "Limits").
+            resource.setrlimit(resource.RLIMIT_AS, (lim.memory_bytes, lim.memory_bytes))
         resource.setrlimit(resource.RLIMIT_CPU, (lim.cpu_seconds, lim.cpu_seconds))
         resource.setrlimit(resource.RLIMIT_FSIZE, (lim.file_bytes, lim.file_bytes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
