@@ -8,6 +8,7 @@ cell gets outputs that nbgrader scores as usual: an ``error`` output (0 points) 
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import logging
@@ -62,21 +63,60 @@ def _stream(text: str, name: str = "stdout"):
     return nbformat.v4.new_output("stream", name=name, text=text)
 
 
-def student_scope(nb, chapter: Chapter, answer_ids: list[str]) -> str:
-    """The student's code that an exercise's forbidden-shortcut check reads: that exercise's
-    answer cells plus every cell the student added or edited (not the instructor's)."""
-    known = {aid for ex in chapter.exercises for aid in ex.answer_ids} | {"imports"}
-    tests = {ex.test_id for ex in chapter.exercises}
-    parts = []
-    for cell in nb.cells:
-        if cell.cell_type != "code":
+def _defined(stmt: ast.stmt) -> set[str]:
+    """Names a top-level statement binds (def, class, assignment, import)."""
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {stmt.name}
+    if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in stmt.names}
+    targets = stmt.targets if isinstance(stmt, ast.Assign) else \
+        [stmt.target] if isinstance(stmt, (ast.AnnAssign, ast.AugAssign)) else []
+    return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+
+
+def used_code(sources: list[str], roots: list[str]) -> str | None:
+    """The code the objects named ``roots`` actually use: their last top-level definitions in
+    ``sources`` (cells in execution order), and recursively the definitions of every name those
+    refer to. None when a root's definition cannot be found statically."""
+    latest: dict[str, tuple[int, ast.stmt, str]] = {}
+    for order, src in enumerate(sources):
+        code = strip_magics(src)
+        try:
+            tree = ast.parse(code)
+        except SyntaxError:
             continue
-        gid = meta(cell).get("grade_id")
-        if gid in answer_ids:
-            parts.append(source(cell))
-        elif gid not in known and gid not in tests and source(cell) not in chapter.narrative_sources:
-            parts.append(source(cell))
-    return "\n\n".join(strip_magics(p) for p in parts)
+        for k, stmt in enumerate(tree.body):
+            for name in _defined(stmt):
+                latest[name] = ((order, k), stmt, code)
+    if any(r not in latest for r in roots):
+        return None
+    seen, todo, picked = set(), list(roots), {}
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in latest:
+            continue
+        seen.add(name)
+        key, stmt, code = latest[name]
+        picked[key] = ast.get_source_segment(code, stmt) or ""
+        todo += [n.id for n in ast.walk(stmt) if isinstance(n, ast.Name)]
+    return "\n\n".join(picked[k] for k in sorted(picked))
+
+
+def student_scope(nb, chapter: Chapter, exercise, upto: int) -> str:
+    """What an exercise's forbidden-shortcut check reads: the code its API objects use, as the
+    student's cells before the test cell define it (instructor cells included, since a student
+    function calling an instructor helper uses what that helper uses). If that cannot be worked
+    out statically, every cell the student wrote or edited."""
+    cells = [c for c in nb.cells[:upto] if c.cell_type == "code"]
+    tests = {ex.test_id for ex in chapter.exercises}
+    sources = [source(c) for c in cells if meta(c).get("grade_id") not in tests]
+    found = used_code(sources, exercise.api) if exercise.api else None
+    if found is not None:
+        return found
+    known = {aid for ex in chapter.exercises for aid in ex.answer_ids} | {"imports"}
+    return "\n\n".join(strip_magics(source(c)) for c in cells
+                        if meta(c).get("grade_id") not in tests
+                        and (meta(c).get("grade_id") in known or source(c) not in chapter.narrative_sources))
 
 
 def _trusted_namespace(chapter: Chapter) -> dict:
@@ -85,10 +125,10 @@ def _trusted_namespace(chapter: Chapter) -> dict:
     return ns
 
 
-def run_test(sandbox: Sandbox, chapter: Chapter, exercise, nb, base_ns: dict) -> Verdict:
+def run_test(sandbox: Sandbox, chapter: Chapter, exercise, nb, base_ns: dict, index: int) -> Verdict:
     start = time.monotonic()
     session = Session(sandbox)
-    scope = student_scope(nb, chapter, exercise.answer_ids)
+    scope = student_scope(nb, chapter, exercise, index)
     ns = dict(base_ns)
     out = io.StringIO()
     try:
@@ -131,7 +171,7 @@ def grade_notebook(nb, chapter: Chapter, *, solutions_dir: Path, limits: Limits 
                 if gid in exercises and meta(cell).get("grade"):
                     if not sandbox.alive:
                         sandbox.restart()
-                    verdict = run_test(sandbox, chapter, exercises[gid], nb, base_ns)
+                    verdict = run_test(sandbox, chapter, exercises[gid], nb, base_ns, index)
                     report.verdicts.append(verdict)
                     cell.outputs = [_stream(verdict.message.rstrip() + "\n")] if verdict.passed else \
                         [_error_output("CheckFailure", verdict.message)]

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from conftest import grade, make_course, needs_bwrap, needs_jupyter, scores
-from corpus import ch01
+from corpus import ch01, ch02, ch03
 
 pytestmark = [needs_jupyter, needs_bwrap, pytest.mark.slow]
 
-CORPORA = {"ch01_attention": ch01.CASES}
+CORPORA = {"ch01_attention": ch01.CASES, "ch02_masking": ch02.CASES, "ch03_multihead": ch03.CASES}
 ALL = [(chapter, case) for chapter, cases in CORPORA.items() for case in cases]
 
 

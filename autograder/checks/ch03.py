@@ -15,7 +15,7 @@ import math
 import torch
 
 from .core import (CheckFailure, call, devices, expect_close, expect_tensor, fail, forbid_names,
-                   grads, passed, randn)
+                   grads, passed, raised, randn)
 
 MHA_FORBIDDEN = ("MultiheadAttention", "multi_head_attention_forward", "scaled_dot_product_attention",
                  "_scaled_dot_product_attention_math")
@@ -342,7 +342,7 @@ def check_multi_head_attention(MultiHeadAttention) -> None:
                 if kind == "NotImplementedError":
                     fail(f"MultiHeadAttention{bad} raised NotImplementedError: replace `raise "
                          "NotImplementedError()` with your implementation and run that cell again.")
-                if not (isinstance(exc, ValueError) or kind == "ValueError"):
+                if not raised(exc, ValueError):
                     fail(f"MultiHeadAttention{bad} should raise ValueError (d_model={bad[0]} is not "
                          f"divisible by num_heads={bad[1]}), but it raised {kind}: {exc}")
             else:

@@ -24,7 +24,7 @@ import torch
 __all__ = [
     "CheckFailure", "fail", "call", "expect_tensor", "expect_close", "max_abs_diff", "is_close",
     "tolerance", "devices", "randn", "grads", "passed", "describe", "source_of",
-    "forbid_names", "expect_raises", "compare_with_reference", "compare_module_with_reference",
+    "forbid_names", "expect_raises", "raised", "compare_with_reference", "compare_module_with_reference",
 ]
 
 
@@ -71,9 +71,12 @@ def call(fn: Callable, *args, what: str | None = None, **kwargs):
         fail(f"{what} raised {kind}: {exc}")
 
 
-def _student_raised(exc, exc_type: type) -> bool:
-    """Does a sandbox error stand for an instance of ``exc_type``? Judged by the class names of
-    the student's exception (its MRO), or, for a builtin type, by the builtin class itself."""
+def raised(exc: BaseException, exc_type: type) -> bool:
+    """Is ``exc`` an instance of ``exc_type``, also when it is a sandbox error standing for the
+    student's exception? Those are judged by the class names of the student's exception (its
+    MRO), or, for a builtin type, by the builtin class itself."""
+    if getattr(exc, "student_type", None) is None:
+        return isinstance(exc, exc_type)
     mro = getattr(exc, "student_mro", None)
     if mro:
         return exc_type.__name__ in mro
@@ -91,7 +94,7 @@ def expect_raises(exc_type: type[BaseException], fn: Callable, *args, what: str,
         raise
     except Exception as exc:  # noqa: BLE001
         kind = getattr(exc, "student_type", None)
-        if isinstance(exc, exc_type) if kind is None else _student_raised(exc, exc_type):
+        if raised(exc, exc_type):
             return
         fail(f"{what} should raise {exc_type.__name__}, but it raised {kind or type(exc).__name__}: {exc}. {hint}")
     fail(f"{what} should raise {exc_type.__name__}, but it raised nothing. {hint}")
@@ -276,10 +279,11 @@ def forbid_names(obj: Any, names: Iterable[str], exercise: str, hint: str) -> No
     if not source:
         return
     banned = set(names)
+    lines = source.splitlines()
     for name, line in _used_names(source):
         if name in banned or any(name == b or name.startswith(b + ".") for b in ALWAYS_FORBIDDEN):
-            fail(f"{exercise} must be written without `{name}` (found on line {line} of your "
-                 f"code for this exercise). {hint}")
+            text = lines[line - 1].strip() if 0 < line <= len(lines) else ""
+            fail(f"{exercise} must be written without `{name}` (your code uses it here: `{text}`). {hint}")
 
 
 # --------------------------------------------------------------------------------------------

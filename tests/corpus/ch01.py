@@ -297,7 +297,8 @@ def softmax(x, dim=-1):
 ''', attention_answer=ATTENTION_STANDALONE))),
 
     # ---------------------------------------------------------------- forbidden shortcuts
-    Case("forbidden_builtins", score(0, 0, 3), fast(ok(softmax_answer='''
+    # SelfAttention is built on that attention, so it uses the shortcut too (as in chapter 3).
+    Case("forbidden_builtins", score(0, 0, 0), fast(ok(softmax_answer='''
 def softmax(x, dim=-1):
     return torch.softmax(x, dim=dim)
 ''', attention_answer='''

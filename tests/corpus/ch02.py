@@ -3,6 +3,8 @@ reference must get full marks; the classic masking mistakes and a few shortcuts 
 the points their working exercises deserve."""
 from __future__ import annotations
 
+import copy
+
 from .common import Case, answers, drop_narrative_code, insert, then
 
 FULL = {"causal_mask_tests": 1.0, "padding_mask_tests": 1.0, "masked_attention_tests": 4.0}
@@ -290,6 +292,35 @@ def scaled_dot_product_attention(q, k, v, mask):                      # mask is 
     return w @ v, w
 '''
 
+# F.scaled_dot_product_attention hidden in a helper that the answer calls by a plain name.
+SDPA_HELPER = """
+def _attend(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+"""
+
+ATTENTION_CALLS_HELPER = '''
+def scaled_dot_product_attention(q, k, v, mask=None):
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is None:
+        return _attend(q, k, v, None), torch.softmax(logits, -1)
+    m = mask.expand(logits.shape)
+    sees = m.any(-1, keepdim=True)
+    w = torch.softmax(logits.masked_fill(~m, float("-inf")).masked_fill(~sees, 0.0), -1).masked_fill(~sees, 0.0)
+    return _attend(q, k, v, torch.where(sees, m, True)).masked_fill(~sees, 0.0), w
+'''
+
+
+def edit_demo(old: str, new: str):
+    """Edit the (ungraded) demo code cell that contains ``old``."""
+    def edit(nb):
+        nb = copy.deepcopy(nb)
+        for cell in nb.cells:
+            if cell.cell_type == "code" and old in cell.source:
+                cell.source = cell.source.replace(old, new)
+                return nb
+        raise KeyError(old)
+    return edit
+
 
 CASES = [
     # ---------------------------------------------------------------- honest: full marks
@@ -330,4 +361,29 @@ CASES = [
     Case("torch_sdpa_in_masked_attention", score(1, 1, 0), fast(ok(masked_attention_answer=ATTENTION_TORCH_SDPA))),
     Case("torch_sdpa_imported_under_another_name", score(1, 1, 0),
          fast(ok(masked_attention_answer=ATTENTION_SDPA_IMPORTED_AS))),
+    Case("torch_sdpa_in_helper_cell", score(1, 1, 0), fast(
+        ok(masked_attention_answer=ATTENTION_CALLS_HELPER), insert(SDPA_HELPER, after="padding_mask_tests"))),
 ]
+
+# Regressions: submissions an earlier grader scored wrongly (each note says how). The
+# forbidden-shortcut scan now reads the code the tested objects actually use (grade.used_code),
+# and exceptions cross the sandbox with their class hierarchy.
+REGRESSIONS = [
+    Case("honest_edits_demo_cell", FULL, then(ok(), edit_demo(
+        "def train(attend, steps=300, seed=0):", "def train(attend, steps=100, seed=0):")),
+         note="used to get 0 for masked attention: an edited demo cell joins every exercise's scanned "
+              "source, and this one (pytorch_unmasked/pytorch_causal) uses F.scaled_dot_product_attention"),
+    Case("honest_adds_comparison_cell", FULL, fast(ok(), insert('''
+q, k, v = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+m = causal_mask(5)
+mine, _ = scaled_dot_product_attention(q, k, v, m)
+print((mine - F.scaled_dot_product_attention(q, k, v, attn_mask=m)).abs().max())
+''', after="masked_attention_tests")),
+         note="used to get 0 for masked attention: the student's own comparison with PyTorch, in a cell "
+              "of its own, counts as using the shortcut"),
+    Case("torch_sdpa_helper_in_causal_mask_cell", score(1, 1, 0), fast(ok(
+        causal_mask_answer=CAUSAL_ARANGE + "\n" + SDPA_HELPER, masked_attention_answer=ATTENTION_CALLS_HELPER)),
+         note="used to get full marks: another exercise's answer cell is not scanned for the shortcut"),
+]
+
+CASES += REGRESSIONS

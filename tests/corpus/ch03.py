@@ -214,7 +214,7 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(torch.cat(outs, dim=-1)), torch.stack(weights, dim=1)
 '''
 
-# nn.ModuleDict-free but with the projections built by a helper method and F.linear in forward.
+# Projections built by a helper method (a generator expression), applied with F.linear in forward.
 MHA_FUNCTIONAL_LINEAR = '''
 class MultiHeadAttention(nn.Module):
     def __init__(self, d_model, num_heads):
@@ -392,6 +392,20 @@ def scaled_dot_product_attention(q, k, v, mask=None):
     return out.masked_fill(~sees, 0.0), w
 '''
 
+PASTE_MASK_AFTER_SOFTMAX = '''
+def scaled_dot_product_attention(q, k, v, mask=None):
+    w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+    if mask is not None:
+        w = w * mask                       # chapter 2's classic mistake, pasted along
+    return w @ v, w
+'''
+
+# A ValueError of the student's own (a subclass): it is a ValueError, and the student's kernel
+# says so.
+MHA_VALUE_ERROR_SUBCLASS = "class HeadWidthError(ValueError):\n    pass\n\n" + swap(
+    MHA_PLAIN, _VALUE_ERROR,
+    '        if d_model % num_heads:\n            raise HeadWidthError(f"{d_model} is not divisible by {num_heads}")\n')
+
 
 CASES = [
     # ---------------------------------------------------------------- honest: full marks
@@ -433,4 +447,29 @@ CASES = [
     # ---------------------------------------------------------------- forbidden shortcuts
     Case("nn_multihead_attention_inside", score(2, 0), fast(ok(mha_answer=MHA_TORCH_INSIDE))),
     Case("torch_sdpa_inside_mha", score(2, 0), fast(ok(mha_answer=MHA_FUNCTIONAL_TORCH))),
+
+    # ---------------------------------------------------------------- chapter 2 carried over
+    Case("pasted_attention_masks_after_softmax", score(2, 0), fast(ok(attention_from_ch02=PASTE_MASK_AFTER_SOFTMAX))),
 ]
+
+# Regressions: submissions an earlier grader scored wrongly (each note says how). The
+# forbidden-shortcut scan now reads the code the tested objects actually use (grade.used_code),
+# and exceptions cross the sandbox with their class hierarchy.
+REGRESSIONS = [
+    Case("honest_value_error_subclass", FULL, fast(ok(mha_answer=MHA_VALUE_ERROR_SUBCLASS)),
+         note="used to get 0 for MHA: the exception crosses the sandbox as a type name only, and the check "
+              "accepts exactly 'ValueError'; in the student's kernel the same test cell passes"),
+    Case("honest_adds_nn_mha_comparison_cell", FULL, fast(ok(), insert('''
+torch.manual_seed(0)
+mine = MultiHeadAttention(8, 2)
+theirs = nn.MultiheadAttention(8, 2, batch_first=True)
+print(sum(p.numel() for p in mine.parameters()), sum(p.numel() for p in theirs.parameters()))
+''', after="mha_tests")),
+         note="used to get 0 for MHA: a cell of the student's own that uses nn.MultiheadAttention outside "
+              "the module counts as the module using it"),
+    Case("pasted_attention_is_torch_sdpa", score(2, 0), fast(ok(attention_from_ch02=PASTE_TORCH_SDPA)),
+         note="used to get full marks: the paste cell is not scanned for MHA's forbidden names, so the "
+              "module runs F.scaled_dot_product_attention through the pasted function"),
+]
+
+CASES += REGRESSIONS
