@@ -37,6 +37,15 @@ def _grade(assignment: str, course: Path) -> int:
 
     from .submissions import prepare
 
+    from .sandbox.process import Sandbox, SandboxUnavailable
+
+    try:   # refuse to grade at all rather than fail every student if the sandbox cannot start
+        with Sandbox() as probe:
+            if probe.run_cell("import torch").status != "ok":
+                raise SandboxUnavailable("torch does not import inside the sandbox")
+    except SandboxUnavailable as exc:
+        print(f"Cannot grade: {exc}")
+        return 1
     nbgrader = [str(Path(sys.executable).parent / "nbgrader")]
     release_dir = course / "release" / assignment
     if not release_dir.is_dir():

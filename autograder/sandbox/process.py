@@ -93,7 +93,10 @@ class Sandbox:
 
     def _command(self, fd_in: int, fd_out: int) -> list[str]:
         cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-               "--uid", "1000", "--gid", "1000"]
+               "--uid", "1000", "--gid", "1000",
+               # Mounts apply in order: the private /tmp first, so that a virtualenv or checkout
+               # that lives under /tmp is bound back on top of it below.
+               "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
         for p in ("/usr", "/etc", "/lib", "/lib64", "/lib32", "/bin", "/sbin"):
             if os.path.islink(p):
                 cmd += ["--symlink", os.readlink(p), p]
@@ -101,8 +104,7 @@ class Sandbox:
                 cmd += ["--ro-bind", p, p]
         for p in {sys.base_prefix, sys.prefix, str(PACKAGE_DIR)}:
             cmd += ["--ro-bind", p, p]
-        cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-                "--dir", "/home/student", "--bind", str(self._work), "/home/student/work",
+        cmd += ["--dir", "/home/student", "--bind", str(self._work), "/home/student/work",
                 "--chdir", "/home/student/work"]
         if self._cuda:   # the GPU, its driver's view of /sys, nothing else
             for dev in sorted(Path("/dev").glob("nvidia*")):
