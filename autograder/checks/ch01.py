@@ -10,8 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .core import (call, expect_close, expect_tensor, fail, forbid_names, grads, passed, randn,
-                   devices)
+from .core import (call, devices, expect_close, expect_module, expect_tensor, fail, forbid_names,
+                   grads, passed, randn)
 
 SOFTMAX_FORBIDDEN = ("softmax", "log_softmax", "Softmax", "LogSoftmax", "_softmax", "_log_softmax")
 ATTENTION_FORBIDDEN = ("scaled_dot_product_attention", "_scaled_dot_product_attention_math",
@@ -179,18 +179,9 @@ def check_self_attention(SelfAttention) -> None:
     n = 0
     for device in devices():
         module = call(SelfAttention, d_model, d_head, what=f"SelfAttention({d_model}, {d_head})")
-        if not isinstance(module, torch.nn.Module):
-            fail("SelfAttention(...) should create a torch.nn.Module (subclass nn.Module and call "
-                 "super().__init__() first).")
-        params = dict(module.named_parameters())
-        if set(params) != set(SELF_ATTENTION_PARAMS):
-            fail(f"SelfAttention's parameters should be exactly {list(SELF_ATTENTION_PARAMS)} "
-                 f"(three nn.Linear(d_model, d_head, bias=False) named q_proj, k_proj, v_proj), "
-                 f"but they are {sorted(params)}.")
-        for name in SELF_ATTENTION_PARAMS:
-            if tuple(params[name].shape) != (d_head, d_model):
-                fail(f"{name} has shape {tuple(params[name].shape)}, expected {(d_head, d_model)} "
-                     "(nn.Linear(d_model, d_head) stores its weight as (out, in)).")
+        expect_module(module, "SelfAttention", {name: (d_head, d_model) for name in SELF_ATTENTION_PARAMS},
+                      layout="three nn.Linear(d_model, d_head, bias=False) named q_proj, k_proj, v_proj",
+                      shape_hint="nn.Linear(d_model, d_head) stores its weight as (out, in)")
         n += 2
         weights = {name: randn(d_head, d_model, seed=20 + i, device=device, scale=0.3)
                    for i, name in enumerate(SELF_ATTENTION_PARAMS)}

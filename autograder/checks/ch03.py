@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from .core import (CheckFailure, call, devices, expect_close, expect_tensor, fail, forbid_names,
-                   grads, passed, raised, randn)
+from .core import (CheckFailure, call, devices, expect_close, expect_module, expect_tensor, fail,
+                   forbid_names, grads, passed, raised, randn)
 
 MHA_FORBIDDEN = ("MultiheadAttention", "multi_head_attention_forward", "scaled_dot_product_attention",
                  "_scaled_dot_product_attention_math")
@@ -314,20 +314,11 @@ def check_multi_head_attention(MultiHeadAttention) -> None:
     for device in devices():
         # 1. Construction and parameters.
         module = call(MultiHeadAttention, d_model, h, what=f"MultiHeadAttention({d_model}, {h})")
-        if not isinstance(module, torch.nn.Module):
-            fail("MultiHeadAttention(...) should create a torch.nn.Module (subclass nn.Module and "
-                 "call super().__init__() first).")
-        params = dict(module.named_parameters())
-        if set(params) != set(MHA_PARAMS):
-            fail(f"MultiHeadAttention's parameters should be exactly {list(MHA_PARAMS)} (four "
-                 "nn.Linear(d_model, d_model) with bias, named q_proj, k_proj, v_proj, out_proj), "
-                 f"but they are {sorted(params)}.")
-        for name in MHA_PARAMS:
-            want = (d_model, d_model) if name.endswith("weight") else (d_model,)
-            if tuple(params[name].shape) != want:
-                fail(f"{name} has shape {tuple(params[name].shape)}, expected {want}: all four "
-                     "projections are nn.Linear(d_model, d_model) (the h heads' d_k-wide "
-                     "projections stacked).")
+        expect_module(module, "MultiHeadAttention",
+                      {name: (d_model, d_model) if name.endswith("weight") else (d_model,) for name in MHA_PARAMS},
+                      layout="four nn.Linear(d_model, d_model) with bias, named q_proj, k_proj, v_proj, out_proj",
+                      shape_hint="all four projections are nn.Linear(d_model, d_model): the h heads' "
+                                 "d_k-wide projections stacked")
         n += 2
 
         # 2. d_model not divisible by num_heads: a ValueError.

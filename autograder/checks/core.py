@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 __all__ = [
-    "CheckFailure", "fail", "call", "expect_tensor", "expect_close", "max_abs_diff", "is_close",
+    "CheckFailure", "fail", "call", "expect_tensor", "expect_module", "expect_close", "max_abs_diff", "is_close",
     "tolerance", "devices", "randn", "grads", "passed", "describe", "source_of",
     "forbid_names", "expect_raises", "raised", "compare_with_reference", "compare_module_with_reference",
 ]
@@ -185,6 +185,22 @@ def expect_close(actual: Any, expected: torch.Tensor, what: str, *,
     rtol, atol = tol or tolerance(dtype or expected.dtype)
     fail(f"{what} differs from the expected result by up to {max_abs_diff(actual, expected):.3g} "
          f"(tolerance: rtol={rtol:g}, atol={atol:g}).")
+
+
+def expect_module(module: Any, what: str, shapes: Mapping[str, tuple], *, layout: str,
+                  shape_hint: str) -> None:
+    """Fail unless ``module`` is an ``nn.Module`` whose parameters are exactly ``shapes``
+    (name -> shape). ``layout`` describes the expected submodules; ``shape_hint`` explains shapes."""
+    if not isinstance(module, torch.nn.Module):
+        fail(f"{what} should create a torch.nn.Module (subclass nn.Module and call "
+             "super().__init__() first).")
+    params = dict(module.named_parameters())
+    if set(params) != set(shapes):
+        fail(f"{what}'s parameters should be exactly {list(shapes)} ({layout}), but they are "
+             f"{sorted(params)}.")
+    for name, want in shapes.items():
+        if tuple(params[name].shape) != tuple(want):
+            fail(f"{name} has shape {tuple(params[name].shape)}, expected {tuple(want)} ({shape_hint}).")
 
 
 def grads(output: Any, inputs: Sequence[torch.Tensor], grad_output: torch.Tensor, what: str):
