@@ -93,6 +93,13 @@ class TestProxies:
         (g,) = torch.autograd.grad(y.sum(), [x])
         assert torch.equal(g, torch.tensor([3.0, 12.0]))
 
+    def test_an_unused_input_gets_no_gradient_as_it_would_locally(self, sandbox):
+        sandbox.run_cell("def ignores_k(q, k):\n    return q * 2")
+        f = make_proxy(Session(sandbox), "ignores_k", "")
+        q, k = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+        gq, gk = torch.autograd.grad(f(q, k).sum(), [q, k], allow_unused=True)
+        assert torch.equal(gq, torch.full((2,), 2.0)) and gk is None
+
     def test_module_proxy_mirrors_parameters(self, sandbox):
         sandbox.run_cell("import torch\nclass Lin(torch.nn.Module):\n"
                          "    def __init__(self):\n        super().__init__()\n"

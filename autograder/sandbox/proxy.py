@@ -85,8 +85,12 @@ class Session:
         return reply
 
 
-def _check_tensor_list(got, n: int, what: str) -> list:
-    if not isinstance(got, list) or len(got) != n or not all(type(t) is torch.Tensor for t in got):
+def _check_tensor_list(got, what: str, n: int | None = None, allow_none: bool = False) -> list:
+    """``got`` must be a list of plain tensors (of length ``n`` when given; ``None`` entries
+    allowed where an input did not influence the output)."""
+    ok = isinstance(got, list) and (n is None or len(got) == n) and all(
+        type(t) is torch.Tensor or (allow_none and t is None) for t in got)
+    if not ok:
         raise StudentError(f"{what}: malformed answer")
     return got
 
@@ -110,7 +114,7 @@ class _RemoteOp(torch.autograd.Function):
         reply = box["session"].ask(dict(box["request"], op="vjp", wrt=wrt,
                                         tensors=[t.detach() for t in flat],
                                         grad_outputs=[None if g is None else g.detach() for g in grad_outs]))
-        got = _check_tensor_list(reply.get("grads"), len(wrt), "gradients") if reply.get("grads") is not None else []
+        got = _check_tensor_list(reply.get("grads"), "gradients", len(wrt), allow_none=True)
         grads: list = [None] * len(flat)
         for i, g in zip(wrt, got):
             if g is None:
@@ -132,7 +136,7 @@ def _invoke(session: Session, request: dict, args: tuple, kwargs: dict, extra: l
     wrt = [i for i, t in enumerate(flat) if t.requires_grad] if need_grad else []
     request = dict(request, args=tree_args, kwargs=tree_kwargs)
     reply = session.ask(dict(request, op="call", wrt=wrt, tensors=[t.detach() for t in flat]))
-    outs = _check_tensor_list(reply.get("tensors"), len(reply.get("tensors") or []), "outputs")
+    outs = _check_tensor_list(reply.get("tensors") or [], "outputs")
     if need_grad and outs:
         box = {"session": session, "request": request, "outs": outs,
                "requires_grad": list(reply.get("requires_grad") or [False] * len(outs))}
@@ -167,7 +171,7 @@ class RemoteClass(_Remote):
                                    "kwargs": tree_kwargs, "tensors": [t.detach() for t in tensors]})
         if reply.get("handle") is None:
             return NotATensor(str(reply.get("type", "object")) + " (not an nn.Module)")
-        state = _check_tensor_list(reply.get("state"), len(reply.get("names") or []), "parameters")
+        state = _check_tensor_list(reply.get("state"), "parameters", len(reply.get("names") or []))
         return RemoteModule(self._session, int(reply["handle"]), list(reply["names"]),
                             list(reply["is_param"]), state, self.__name__)
 
