@@ -71,3 +71,14 @@ def scores(course: Path, assignment: str) -> dict[str, dict[str, float]]:
                 for g in nb.grades:
                     out.setdefault(sub.student.id, {})[g.name] = g.score
     return out
+
+
+# Shared by the check tests: run a check on a mutant and require the named mistake in its message.
+def fails_with(check, fn, *words):
+    from autograder.checks.core import CheckFailure
+    with pytest.raises(CheckFailure) as info:
+        check(fn)
+    message = str(info.value)
+    for word in words:
+        assert word.lower() in message.lower(), message
+    return message

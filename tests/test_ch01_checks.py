@@ -11,18 +11,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from autograder.checks.ch01 import check_attention, check_self_attention, check_softmax
-from autograder.checks.core import CheckFailure
+
+from conftest import fails_with  # noqa: E402
 
 FAST = settings(max_examples=25, deadline=None)
-
-
-def fails_with(check, fn, *words):
-    with pytest.raises(CheckFailure) as info:
-        check(fn)
-    message = str(info.value)
-    for word in words:
-        assert word.lower() in message.lower(), message
-    return message
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from autograder.checks import ch02
-from autograder.checks.core import CheckFailure
 from autograder.checks.ch02 import check_causal_mask, check_masked_attention, check_padding_mask
 
+from conftest import fails_with  # noqa: E402
+
 FAST = settings(max_examples=25, deadline=None)
-
-
-def fails_with(check, fn, *words):
-    with pytest.raises(CheckFailure) as info:
-        check(fn)
-    message = str(info.value)
-    for word in words:
-        assert word.lower() in message.lower(), message
-    return message
 
 
 # --------------------------------------------------------------------------------------------
