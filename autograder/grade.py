@@ -21,10 +21,11 @@ from pathlib import Path
 import nbformat
 
 from .checks.core import CheckFailure
-from .notebook import Chapter, meta, source, strip_magics
+from .notebook import Chapter, meta, safe_parse, source, strip_magics
 from .reference import ENV_VAR
-from .sandbox.process import Limits, Sandbox
-from .sandbox.proxy import Session, StudentError, make_proxy
+from .sandbox.process import Limits, Sandbox, SandboxUnavailable
+from .sandbox.proxy import OutOfTime, Session, StudentError, make_proxy
+from .sandbox.wire import clean_text
 
 log = logging.getLogger("autograder")
 
@@ -81,9 +82,8 @@ def used_code(sources: list[str], roots: list[str]) -> str | None:
     latest: dict[str, tuple[int, ast.stmt, str]] = {}
     for order, src in enumerate(sources):
         code = strip_magics(src)
-        try:
-            tree = ast.parse(code)
-        except SyntaxError:
+        tree = safe_parse(code)
+        if tree is None:
             continue
         for k, stmt in enumerate(tree.body):
             for name in _defined(stmt):
@@ -125,9 +125,14 @@ def _trusted_namespace(chapter: Chapter) -> dict:
     return ns
 
 
-def run_test(sandbox: Sandbox, chapter: Chapter, exercise, nb, base_ns: dict, index: int) -> Verdict:
+def run_test(sandbox: Sandbox, chapter: Chapter, exercise, nb, base_ns: dict, index: int,
+             deadline: float | None = None) -> Verdict:
+    """Run one test cell here, against proxies; it fails once ``deadline`` (grader's clock) or
+    the sandbox's ``test_seconds`` has passed, however its time was spent."""
     start = time.monotonic()
-    session = Session(sandbox)
+    limit = sandbox.limits.test_seconds
+    end = start + limit if deadline is None else min(deadline, start + limit)
+    session = Session(sandbox, end)
     scope = student_scope(nb, chapter, exercise, index)
     ns = dict(base_ns)
     out = io.StringIO()
@@ -137,6 +142,10 @@ def run_test(sandbox: Sandbox, chapter: Chapter, exercise, nb, base_ns: dict, in
         with contextlib.redirect_stdout(out):
             exec(compile(exercise.test_source, f"<test {exercise.test_id}>", "exec"), ns)  # noqa: S102
         return Verdict(exercise.test_id, True, out.getvalue() or "passed", time.monotonic() - start)
+    except OutOfTime:
+        what = f"{limit:g} s for one test cell" if end == start + limit else "the notebook's grading time"
+        return Verdict(exercise.test_id, False, f"Your code used up {what}: the checks could not finish. "
+                       "Look for a function that is very slow or waits.", time.monotonic() - start)
     except CheckFailure as exc:
         return Verdict(exercise.test_id, False, str(exc), time.monotonic() - start)
     except StudentError as exc:
@@ -147,62 +156,128 @@ def run_test(sandbox: Sandbox, chapter: Chapter, exercise, nb, base_ns: dict, in
         return Verdict(exercise.test_id, False, f"{type(exc).__name__}: {exc}", time.monotonic() - start)
 
 
+class _Outputs:
+    """Cell outputs, clipped and counted by the grader: the notebook's total stays bounded,
+    whatever the student's process claims about its own output."""
+
+    def __init__(self, limit: int):
+        self.left = limit
+
+    def stream(self, text: str, name: str = "stdout") -> list:
+        if not text:
+            return []
+        if self.left <= 0:
+            return [_stream("[output not shown: this notebook's output limit was reached]\n", name)]
+        text = clean_text(text, self.left)
+        self.left -= len(text)
+        return [_stream(text, name)]
+
+
+class _Grading:
+    """One notebook's grading run: the sandbox, the clock, the outputs and the report."""
+
+    def __init__(self, nb, chapter: Chapter, sandbox: Sandbox, budget_seconds: float):
+        self.nb, self.chapter, self.sandbox = nb, chapter, sandbox
+        self.exercises = {ex.test_id: ex for ex in chapter.exercises}
+        self.deadline = time.monotonic() + budget_seconds
+        self.budget = budget_seconds
+        self.outputs = _Outputs(sandbox.limits.notebook_output_chars)
+        self.report = Report()
+        self.base_ns = _trusted_namespace(chapter)
+
+    def cell(self, index: int, cell) -> None:
+        gid = meta(cell).get("grade_id")
+        if time.monotonic() >= self.deadline:
+            msg = f"not run: the notebook used up its grading time ({self.budget:g} s)"
+            cell.outputs = [_error_output("GradingTimeout", msg)]
+            if gid in self.exercises:
+                self.report.verdicts.append(Verdict(gid, False, msg, 0.0))
+        elif gid in self.exercises and meta(cell).get("grade"):
+            self.test_cell(index, cell, self.exercises[gid])
+        else:
+            self.student_cell(index, cell)
+
+    def test_cell(self, index: int, cell, exercise) -> None:
+        if not self.sandbox.alive:
+            self.sandbox.restart()
+        verdict = run_test(self.sandbox, self.chapter, exercise, self.nb, self.base_ns, index, self.deadline)
+        verdict.message = clean_text(verdict.message, 10_000)
+        self.report.verdicts.append(verdict)
+        cell.outputs = self.outputs.stream(verdict.message.rstrip() + "\n") if verdict.passed else \
+            [_error_output("CheckFailure", verdict.message)]
+        if not self.sandbox.alive:
+            self.report.events.append(f"cell {index}: the process died during the tests; restarted")
+            self.sandbox.restart()
+
+    def student_cell(self, index: int, cell) -> None:
+        left = self.deadline - time.monotonic()
+        run = self.sandbox.run_cell(source(cell), timeout=min(self.sandbox.limits.cell_seconds, left))
+        outputs = self.outputs.stream(run.stdout) + self.outputs.stream(run.stderr, "stderr")
+        if run.status in ("timeout", "crashed"):
+            self.report.events.append(f"cell {index}: {run.error}")
+            outputs.append(_error_output("GradingError", f"This cell was stopped: {run.error}."))
+            self.sandbox.restart()
+            self.report.events.append(f"restarted after cell {index}; {len(self.sandbox.history)} cells replayed")
+        elif run.status == "error":
+            kind, _, msg = (run.error or "Error: ").partition(": ")
+            outputs.append(_error_output(kind if kind.isidentifier() else "Error", msg))
+        cell.outputs = outputs
+
+    def fail_remaining(self, start: int, why: str) -> None:
+        """Give every test cell from ``start`` on a failing verdict (the grading itself broke)."""
+        for cell in self.nb.cells[start:]:
+            gid = meta(cell).get("grade_id") if cell.get("cell_type") == "code" else None
+            if gid in self.exercises and gid not in {v.grade_id for v in self.report.verdicts}:
+                cell.outputs = [_error_output("GradingError", why)]
+                self.report.verdicts.append(Verdict(gid, False, why, 0.0))
+
+
 def grade_notebook(nb, chapter: Chapter, *, solutions_dir: Path, limits: Limits | None = None,
                    data_files: list[Path] | None = None, budget_seconds: float = 600.0) -> Report:
-    """Grade ``nb`` (modified in place: outputs of every code cell) against ``chapter``."""
+    """Grade ``nb`` (modified in place: outputs of every code cell) against ``chapter``. Never
+    raises: whatever breaks, every test cell of the chapter gets a verdict."""
     t0 = time.monotonic()
     report = Report()
-    exercises = {ex.test_id: ex for ex in chapter.exercises}
     old_env = os.environ.get(ENV_VAR)
     os.environ[ENV_VAR] = str(solutions_dir)
+    index = 0
+    grading = None
     try:
-        base_ns = _trusted_namespace(chapter)
         with Sandbox(limits, data_files) as sandbox:
+            grading = _Grading(nb, chapter, sandbox, budget_seconds)
+            report = grading.report
             for index, cell in enumerate(nb.cells):
-                if cell.cell_type != "code":
-                    continue
-                gid = meta(cell).get("grade_id")
-                if time.monotonic() - t0 > budget_seconds:
-                    msg = f"not run: the notebook used up its grading time ({budget_seconds:g} s)"
-                    cell.outputs = [_error_output("GradingTimeout", msg)]
-                    if gid in exercises:
-                        report.verdicts.append(Verdict(gid, False, msg, 0.0))
-                    continue
-                if gid in exercises and meta(cell).get("grade"):
-                    if not sandbox.alive:
-                        sandbox.restart()
-                    verdict = run_test(sandbox, chapter, exercises[gid], nb, base_ns, index)
-                    report.verdicts.append(verdict)
-                    cell.outputs = [_stream(verdict.message.rstrip() + "\n")] if verdict.passed else \
-                        [_error_output("CheckFailure", verdict.message)]
-                    if not sandbox.alive:
-                        report.events.append(f"cell {index}: the process died during the tests; restarted")
-                        sandbox.restart()
-                    continue
-                run = sandbox.run_cell(source(cell))
-                outputs = []
-                if run.stdout:
-                    outputs.append(_stream(run.stdout))
-                if run.stderr:
-                    outputs.append(_stream(run.stderr, "stderr"))
-                if run.status in ("timeout", "crashed"):
-                    what = f"This cell was stopped: {run.error}."
-                    report.events.append(f"cell {index}: {run.error}")
-                    outputs.append(_error_output("GradingError", what))
-                    sandbox.restart()
-                    report.events.append(f"restarted after cell {index}; {len(sandbox.history)} cells replayed")
-                elif run.status == "error":
-                    kind, _, msg = (run.error or "Error: ").partition(": ")
-                    outputs.append(_error_output(kind, msg))
-                cell.outputs = outputs
+                if cell.get("cell_type") == "code":
+                    grading.cell(index, cell)
+    except SandboxUnavailable as exc:
+        report.events.append(f"the sandbox could not start: {exc}")
+        why = "not graded: the grader could not start a sandbox (the instructor has been told)"
+        log.error("sandbox unavailable: %s", exc)
+        _fail_all(nb, chapter, report, why)
+    except Exception:  # noqa: BLE001 - a grading bug must cost the student nothing but a re-grade
+        log.error("grading stopped at cell %d:\n%s", index, traceback.format_exc())
+        report.events.append(f"grading stopped at cell {index} by an internal error (see the log)")
+        why = "not graded: the grader hit an internal error here (the instructor has been told)"
+        if grading is not None:
+            grading.fail_remaining(index, why)
+        else:
+            _fail_all(nb, chapter, report, why)
     finally:
         if old_env is None:
             os.environ.pop(ENV_VAR, None)
         else:
             os.environ[ENV_VAR] = old_env
     graded = {v.grade_id for v in report.verdicts}
-    for gid in exercises:
-        if gid not in graded:   # a test cell the submission lost: nbgrader re-adds it; say so
-            report.verdicts.append(Verdict(gid, False, "this test cell was missing", 0.0))
+    for ex in chapter.exercises:
+        if ex.test_id not in graded:   # a test cell the submission lost: nbgrader re-adds it; say so
+            report.verdicts.append(Verdict(ex.test_id, False, "this test cell was missing", 0.0))
     report.seconds = time.monotonic() - t0
     return report
+
+
+def _fail_all(nb, chapter: Chapter, report: Report, why: str) -> None:
+    tests = {ex.test_id for ex in chapter.exercises}
+    for cell in nb.cells:
+        if cell.get("cell_type") == "code" and meta(cell).get("grade_id") in tests:
+            cell.outputs = [_error_output("GradingError", why)]
+            report.verdicts.append(Verdict(meta(cell)["grade_id"], False, why, 0.0))

@@ -22,8 +22,11 @@ class SandboxedGrading(NbGraderPreprocessor):
     """Run the student's code in a sandbox and decide test cells in the grader's process."""
 
     cell_timeout = Float(30.0, help="Seconds one cell or one tested call may run").tag(config=True)
+    test_timeout = Float(120.0, help="Seconds one test cell may take, all its calls together").tag(config=True)
     notebook_timeout = Float(600.0, help="Seconds one notebook may take in all").tag(config=True)
-    memory_gib = Float(6.0, help="Address-space limit of the student's process (GiB)").tag(config=True)
+    memory_gib = Float(6.0, help="Memory of the student's processes together (GiB)").tag(config=True)
+    disk_mib = Integer(512, help="Files the student may write, /tmp included (MiB)").tag(config=True)
+    max_processes = Integer(64, help="Processes and threads the student may run at once").tag(config=True)
     cpu_seconds = Integer(600, help="CPU-time limit of one student process").tag(config=True)
 
     def preprocess(self, nb, resources):
@@ -35,7 +38,8 @@ class SandboxedGrading(NbGraderPreprocessor):
         data = [p for p in release_dir.glob("*") if p.is_file() and p.suffix != ".ipynb"] \
             if release_dir.is_dir() else []
         limits = Limits(memory_bytes=int(self.memory_gib * 2**30), cpu_seconds=self.cpu_seconds,
-                        cell_seconds=self.cell_timeout)
+                        cell_seconds=self.cell_timeout, test_seconds=self.test_timeout,
+                        disk_bytes=self.disk_mib * 2**20, processes=self.max_processes)
         report = grade_notebook(nb, chapter, solutions_dir=source_dir.parent, limits=limits,
                                 data_files=data, budget_seconds=self.notebook_timeout)
         for event in report.events:

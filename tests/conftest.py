@@ -48,6 +48,7 @@ def make_course(root: Path, chapters=CHAPTERS, cell_timeout: float = 10.0) -> Pa
         f"configure(c, root={str(root)!r}, source={str(REPO / 'solutions')!r}, release='release', "
         f"exchange={str(root / 'exchange')!r})\n"
         f"c.SandboxedGrading.cell_timeout = {cell_timeout}\n"
+        f"c.SandboxedGrading.test_timeout = {3 * cell_timeout}\n"
         "c.SandboxedGrading.notebook_timeout = 240\n")
     (root / "exchange").mkdir(exist_ok=True)
     for chapter in chapters:

@@ -10,7 +10,8 @@ import torch
 from autograder.checks.core import CheckFailure
 from autograder.sandbox import wire
 from autograder.sandbox.process import Limits, Sandbox
-from autograder.sandbox.proxy import NotATensor, Session, StudentError, make_proxy
+from autograder.sandbox.identity import HOST_UID_BASE
+from autograder.sandbox.proxy import NotATensor, OutOfTime, Session, StudentError, make_proxy
 from conftest import REPO, needs_bwrap
 
 
@@ -139,6 +140,101 @@ class TestProxies:
         assert not torch.allclose(wrong(torch.ones(3)), torch.ones(3))
 
 
+@needs_bwrap
+class TestTheStudentOwnsNothing:
+    """Item 2 of the grader-holes issue: grading as root must not make the student root."""
+
+    def test_the_student_is_not_the_grader_on_the_host(self, sandbox):
+        run = sandbox.run_cell("print(open('/proc/self/uid_map').read())")
+        rows = [line.split() for line in run.stdout.splitlines() if line.strip()]
+        outer = {int(inside): int(host) for inside, host, _ in rows}
+        import os
+        if os.geteuid() == 0:
+            assert outer[1000] >= HOST_UID_BASE, rows
+        else:
+            assert outer[1000] == os.geteuid()
+
+    @pytest.mark.skipif(__import__("os").geteuid() != 0, reason="host secrets are root's: grade as root to see")
+    def test_root_only_files_are_unreadable_when_grading_as_root(self, sandbox):
+        for path in ("/etc/shadow", "/etc/gshadow"):
+            run = sandbox.run_cell(f"print(open({path!r}).read())")
+            assert run.status == "error" and "Permission" in run.error, (path, run.stdout[:80])
+
+    def test_the_sandbox_runs_the_graders_own_package(self, sandbox):
+        run = sandbox.run_cell("import autograder; print(autograder.__file__)")
+        assert run.stdout.startswith("/opt/afs/autograder/"), run.stdout
+
+
+@pytest.fixture()
+def small_sandbox():
+    """A sandbox of its own (these tests kill it), with small totals."""
+    with Sandbox(Limits(cell_seconds=20, memory_bytes=2 * 2**30, disk_bytes=64 * 2**20, processes=48)) as sb:
+        yield sb
+
+
+@needs_bwrap
+class TestLimitsOverTheWholeSubmission:
+    def test_processes_are_limited(self, small_sandbox):
+        run = small_sandbox.run_cell(
+            "import os, time\nn = 0\ntry:\n    for i in range(500):\n"
+            "        if os.fork() == 0:\n            time.sleep(30)\n            os._exit(0)\n"
+            "        n += 1\nexcept OSError as e:\n    print('stopped after', n)")
+        assert run.status == "crashed" or "stopped after" in run.stdout, run
+        assert small_sandbox.watchdog.peak.processes <= 48 + 5
+
+    def test_memory_is_summed_over_forked_children(self, small_sandbox):
+        start = time.monotonic()
+        run = small_sandbox.run_cell(
+            "import os, time\nfor i in range(3):\n    if os.fork() == 0:\n"
+            "        b = bytearray(b'x') * (900 * 2**20)\n        time.sleep(30)\n        os._exit(0)\n"
+            "time.sleep(15)")
+        assert run.status == "crashed" and "memory" in run.error, run
+        assert time.monotonic() - start < 15
+
+    def test_files_are_summed_over_tmp_and_the_work_folder(self, small_sandbox):
+        run = small_sandbox.run_cell(
+            "import time\nfor where in ('/tmp', '.', '/dev/shm'):\n    try:\n"
+            "        open(where + '/f', 'wb').write(b'0' * (40 * 2**20))\n"
+            "    except OSError as e:\n        print(where, e)\ntime.sleep(1)")
+        assert run.status == "crashed" and "files" in run.error, run
+
+    def test_a_full_tmpfs_is_an_error_not_a_host_disk(self, small_sandbox):
+        run = small_sandbox.run_cell("open('/tmp/big', 'wb').write(b'0' * (100 * 2**20))")
+        assert run.status in ("error", "crashed") and ("No space" in (run.error or "") or "files" in run.error)
+
+    def test_keyboard_interrupt_is_the_students_error_not_a_timeout(self, sandbox):
+        run = sandbox.run_cell("raise KeyboardInterrupt")
+        assert run.status == "error" and "KeyboardInterrupt" in run.error
+
+    def test_output_is_clipped_by_the_grader(self, sandbox):
+        for n in (20_000, 2_000_000):    # under and over what one reply may carry in a string
+            run = sandbox.run_cell(f"import sys\nsys.stdout.kept = -10**12\nsys.stdout.write('spam ' * {n})")
+            assert len(run.stdout) <= sandbox.limits.output_chars + 200, run.status
+            assert run.status == "ok" or "too large" in run.error or "string" in run.error, run.error
+            if not sandbox.alive:
+                sandbox.restart()
+
+    def test_a_test_cell_deadline_holds_across_calls(self, sandbox):
+        sandbox.run_cell("import time\ndef slow(x):\n    time.sleep(1)\n    return x")
+        slow = make_proxy(Session(sandbox, deadline=time.monotonic() + 2.5), "slow", "")
+        start = time.monotonic()
+        with pytest.raises(OutOfTime):
+            for _ in range(10):
+                try:
+                    slow(torch.ones(1))
+                except Exception:   # a check's `except Exception` must not swallow the deadline
+                    pass
+        assert time.monotonic() - start < 4
+
+    def test_a_malformed_reply_is_the_students_failure(self, sandbox):
+        sandbox.run_cell("import sys, torch\nw = sys.modules['autograder.sandbox.wire']\nreal = w.write_frame\n"
+                         "def evil(fd, obj):\n    if 'tensors' in obj:\n        obj = dict(obj, ok=torch.ones(2))\n"
+                         "    real(fd, obj)\nw.write_frame = evil\ndef f(x):\n    return x")
+        with pytest.raises(StudentError, match="malformed"):
+            make_proxy(Session(sandbox), "f", "")(torch.ones(1))
+        sandbox.run_cell("w.write_frame = real")
+
+
 class TestWire:
     def _frame(self, obj) -> bytes:
         return wire.encode(obj)[wire.HEADER.size:]
@@ -169,3 +265,23 @@ class TestWire:
         from autograder.checks.core import expect_tensor
         with pytest.raises(CheckFailure, match="numpy.ndarray"):
             expect_tensor(NotATensor("numpy.ndarray"), "softmax(x)")
+
+
+@needs_bwrap
+def test_a_second_checkout_grades_with_its_own_package(tmp_path):
+    """Grading from another checkout than the one the venv's editable install points at used to
+    give every student 0 (the sandbox could not import the package): it must use its own."""
+    import shutil
+    import subprocess
+    import sys
+
+    other = tmp_path / "checkout2"
+    shutil.copytree(REPO / "autograder", other / "autograder", ignore=shutil.ignore_patterns("__pycache__"))
+    (other / "autograder" / "MARKER").write_text("second checkout\n")
+    code = ("from autograder.sandbox.process import Sandbox\n"
+            "with Sandbox() as sb:\n"
+            "    run = sb.run_cell(\"import autograder, os; print(autograder.__file__, "
+            "os.path.exists('/opt/afs/autograder/MARKER'))\")\n"
+            "    print(run.status, run.stdout)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=other, capture_output=True, text=True, timeout=300)
+    assert out.stdout.startswith("ok /opt/afs/autograder/__init__.py True"), out.stdout + out.stderr[-2000:]

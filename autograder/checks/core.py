@@ -16,10 +16,13 @@ from __future__ import annotations
 import ast
 import builtins
 import inspect
+import re
 import textwrap
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+
+from ..notebook import safe_parse
 
 __all__ = [
     "CheckFailure", "fail", "call", "expect_tensor", "expect_module", "expect_close", "max_abs_diff", "is_close",
@@ -261,10 +264,9 @@ def source_of(obj: Any) -> str | None:
 
 def _used_names(source: str) -> list[tuple[str, int]]:
     """(name, line) for every attribute access, imported name and string constant."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return []
+    tree = safe_parse(source)
+    if tree is None:
+        return _used_names_in_text(source)
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute):
@@ -277,6 +279,19 @@ def _used_names(source: str) -> list[tuple[str, int]]:
             found.extend((a.name, node.lineno) for a in node.names)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             found.append((node.value, node.lineno))
+    return found
+
+
+_TEXT_USES = re.compile(r"""\.\s*([A-Za-z_]\w*)|\bimport\s+([\w.]+)|\bfrom\s+([\w.]+)|["']([\w.]+)["']""")
+
+
+def _used_names_in_text(source: str) -> list[tuple[str, int]]:
+    """The same, read from the text when the code does not parse (a syntax error, or code made
+    too big or too deep to parse): padding a cell must not hide a shortcut from the scan."""
+    found = []
+    for number, line in enumerate(source.splitlines(), 1):
+        for match in _TEXT_USES.finditer(line):
+            found.extend((g, number) for g in match.groups() if g)
     return found
 
 

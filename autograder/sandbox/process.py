@@ -1,11 +1,15 @@
 """Start and talk to a student's sandboxed process (bubblewrap + resource limits).
 
 The sandbox sees: the system's read-only directories, the Python installation and virtualenv
-(read-only), the ``autograder`` package (read-only, it holds no solutions), an empty writable
-work directory with the assignment's released data files, and a private ``/tmp``. It does not
-see ``solutions/``, the gradebook, other submissions or the grader's files, and has no network.
-Memory, CPU time, file size and wall-clock time are limited; a crash or hang is reported as
-such and the process is restarted with the cells that ran before replayed.
+(read-only), the ``autograder`` package (read-only at a fixed place, it holds no solutions), a
+size-limited in-memory work directory with the assignment's released data files, and a private,
+size-limited ``/tmp`` and ``/dev/shm``. It does not see ``solutions/``, the gradebook, other
+submissions or the grader's files, has no network, and runs as a uid that owns nothing on the
+host (``identity.py``). Per-process kernel limits (address space, CPU time, file size, process
+count) stop the obvious cases at once; the grader's own watchdog (``watchdog.py``) holds the
+totals over all the submission's processes, and the grader's clock decides every time-out. A
+crash or hang is reported as such and the process is restarted with the cells that ran before
+replayed.
 """
 from __future__ import annotations
 
@@ -24,23 +28,40 @@ from pathlib import Path
 import torch
 
 from . import wire
+from .identity import Identity, IdentityUnavailable, student_identity
+from .watchdog import Watchdog, descendants
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent   # .../autograder
+# The grader's own package is mounted here and put first on the runner's path, so the sandbox
+# runs exactly the code the grader runs, whichever checkout or install the venv points at.
+PACKAGE_MOUNT = "/opt/afs"
+SYSTEM_DIRS = ("/usr", "/etc", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
+RUNNER = ("import sys; sys.path.insert(0, '/opt/afs'); import runpy; "
+          "runpy.run_module('autograder.sandbox.runner', run_name='__main__', alter_sys=True)")
 
 
 @dataclass
 class Limits:
-    memory_bytes: int = 6 * 2**30       # address space of the student's process
+    memory_bytes: int = 6 * 2**30       # per process (address space) and all processes together
     cpu_seconds: int = 600              # CPU time of one student process
     file_bytes: int = 64 * 2**20        # largest file the student may write
+    disk_bytes: int = 512 * 2**20       # all files written (/tmp, work folder, /dev/shm) together
+    processes: int = 64                 # processes (and threads) at once
     cell_seconds: float = 30.0          # one cell or one call
+    test_seconds: float = 120.0         # one test cell, all its calls together
     startup_seconds: float = 90.0       # start-up (python + torch import)
     message_bytes: int = 256 * 2**20    # largest answer accepted back
+    output_chars: int = 20_000          # output kept per cell (counted by the grader)
+    notebook_output_chars: int = 1_000_000   # output kept per notebook, all cells together
     threads: int = 1                    # OMP/MKL threads inside the sandbox
 
 
 class SandboxFailure(Exception):
     """The student's process hung, crashed or broke the protocol; the message says which."""
+
+
+class SandboxTimeout(SandboxFailure):
+    """The grader's clock ran out before the student's code answered."""
 
 
 class SandboxUnavailable(RuntimeError):
@@ -92,25 +113,48 @@ class Sandbox:
         self.close()
 
     def _command(self, fd_in: int, fd_out: int) -> list[str]:
-        cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-               "--uid", "1000", "--gid", "1000",
+        lim = self.limits
+        cmd = ["bwrap", *self._identity.bwrap_args, "--unshare-ipc", "--unshare-pid", "--unshare-net",
+               "--unshare-uts", "--unshare-cgroup-try", "--die-with-parent", "--new-session",
                # Mounts apply in order: the private /tmp first, so that a virtualenv or checkout
                # that lives under /tmp is bound back on top of it below.
-               "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
-        for p in ("/usr", "/etc", "/lib", "/lib64", "/lib32", "/bin", "/sbin"):
+               "--proc", "/proc", "--dev", "/dev",
+               "--perms", "1777", "--size", str(lim.disk_bytes), "--tmpfs", "/dev/shm",
+               "--perms", "1777", "--size", str(lim.disk_bytes), "--tmpfs", "/tmp"]
+        bound = []
+        for p in SYSTEM_DIRS:
             if os.path.islink(p):
                 cmd += ["--symlink", os.readlink(p), p]
             elif os.path.exists(p):
                 cmd += ["--ro-bind", p, p]
-        for p in {sys.base_prefix, sys.prefix, str(PACKAGE_DIR)}:
-            cmd += ["--ro-bind", p, p]
-        cmd += ["--dir", "/home/student", "--bind", str(self._work), "/home/student/work",
-                "--chdir", "/home/student/work"]
+                bound.append(p)
+        made: set[str] = set()
+
+        def parents(path: str) -> list[str]:
+            """Directories above ``path`` that bubblewrap must create, world-traversable (it
+            would make them private to root, which the student no longer is)."""
+            out = []
+            for parent in reversed(Path(path).parents):
+                q = str(parent)
+                if q == "/" or q in made or any(q == b or q.startswith(b + "/") for b in bound):
+                    continue
+                made.add(q)
+                out += ["--perms", "0755", "--dir", q]
+            return out
+
+        for p in sorted({sys.base_prefix, sys.prefix}):
+            cmd += parents(p) + ["--ro-bind", p, p]
+        cmd += parents(PACKAGE_MOUNT + "/autograder") + ["--ro-bind", str(PACKAGE_DIR), PACKAGE_MOUNT + "/autograder"]
+        cmd += parents("/home/student/work") + [
+            "--perms", "0777", "--size", str(lim.disk_bytes), "--tmpfs", "/home/student/work"]
+        for f in self._data:
+            cmd += ["--ro-bind", str(f), f"/home/student/work/{f.name}"]
+        cmd += ["--chdir", "/home/student/work"]
         if self._cuda:   # the GPU, its driver's view of /sys, nothing else
             for dev in sorted(Path("/dev").glob("nvidia*")):
                 cmd += ["--dev-bind", str(dev), str(dev)]
             cmd += ["--ro-bind", "/sys", "/sys"]
-        cmd += [sys.executable, "-I", "-m", "autograder.sandbox.runner", str(fd_in), str(fd_out)]
+        cmd += [*self._identity.exec_prefix, sys.executable, "-I", "-c", RUNNER, str(fd_in), str(fd_out)]
         return cmd
 
     def _env(self) -> dict:
@@ -128,22 +172,42 @@ class Sandbox:
         resource.setrlimit(resource.RLIMIT_CPU, (lim.cpu_seconds, lim.cpu_seconds))
         resource.setrlimit(resource.RLIMIT_FSIZE, (lim.file_bytes, lim.file_bytes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if self._identity.host_uid is not None:
+            # Counted per host uid; the student's uid is its own, so this is the sandbox's count.
+            resource.setrlimit(resource.RLIMIT_NPROC, (lim.processes, lim.processes))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # over-long writes fail instead of killing
 
     def start(self) -> None:
-        self._work = self._scratch / f"work{self.restarts}"
-        self._work.mkdir()
-        for f in self.data_files:
-            shutil.copy(f, self._work / Path(f).name)
+        self._data = []
+        data_dir = self._scratch / "data"
+        data_dir.mkdir(exist_ok=True)
+        for f in self.data_files:   # the release's files, readable by the student's uid
+            dest = data_dir / Path(f).name
+            shutil.copyfile(f, dest)
+            dest.chmod(0o644)
+            self._data.append(dest)
+        data_dir.chmod(0o755)
+        try:
+            self._identity = student_identity()
+        except IdentityUnavailable as exc:
+            raise SandboxUnavailable(str(exc)) from None
         to_child_r, self._to_child = os.pipe()
         self._from_child, from_child_w = os.pipe()
         self._log = open(self._scratch / f"stderr{self.restarts}.log", "wb")
+        root = self._identity.host_uid is not None
         self.proc = subprocess.Popen(
-            self._command(to_child_r, from_child_w), pass_fds=(to_child_r, from_child_w),
+            self._command(to_child_r, from_child_w),
+            pass_fds=(to_child_r, from_child_w, *self._identity.pass_fds),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log,
-            env=self._env(), preexec_fn=self._preexec, start_new_session=True)
+            env=self._env(), preexec_fn=self._preexec, start_new_session=True,
+            extra_groups=[] if root else None)
         os.close(to_child_r)
         os.close(from_child_w)
+        self._identity.close()
+        lim = self.limits
+        self.watchdog = Watchdog(self.proc.pid, self.kill, processes=lim.processes,
+                                 memory_bytes=lim.memory_bytes, disk_bytes=lim.disk_bytes)
+        self.watchdog.start()
         try:
             self.request({"op": "lookup", "name": "__name__"}, timeout=self.limits.startup_seconds)
         except SandboxFailure as exc:
@@ -152,11 +216,20 @@ class Sandbox:
             raise SandboxUnavailable(f"the sandbox did not start: {exc}\n{log}") from None
 
     def kill(self) -> None:
+        """Kill the whole sandbox (bubblewrap's pid namespace dies with it). Safe from any thread."""
         if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            for pid in [*descendants(self.proc.pid), self.proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _reap(self) -> None:
+        self.kill()
+        watchdog = getattr(self, "watchdog", None)
+        if watchdog is not None:
+            watchdog.stop()
+        if self.proc:
             self.proc.wait()
         for fd in ("_to_child", "_from_child"):
             try:
@@ -168,12 +241,12 @@ class Sandbox:
             self._log.close()
 
     def close(self) -> None:
-        self.kill()
+        self._reap()
         shutil.rmtree(self._scratch, ignore_errors=True)
 
     def restart(self) -> None:
         """A fresh process with the completed cells replayed (a cell that fails now is dropped)."""
-        self.kill()
+        self._reap()
         self.restarts += 1
         self.start()
         kept = []
@@ -195,6 +268,9 @@ class Sandbox:
         except subprocess.TimeoutExpired:
             self.kill()
             return "stopped answering"
+        reason = getattr(self, "watchdog", None) and self.watchdog.reason
+        if reason:
+            return f"was stopped because {reason}"
         if code < 0:
             return f"was killed by {_signal_name(-code)}"
         if code > 128:
@@ -218,48 +294,52 @@ class Sandbox:
         return b"".join(chunks)
 
     def request(self, msg: dict, timeout: float | None = None) -> dict:
-        """Send one request and return the validated reply; raise SandboxFailure on a hang/crash."""
+        """Send one request and return the validated reply. Raise SandboxTimeout when the
+        grader's clock ran out (an answer that is an error and came at or after ``timeout`` is
+        the runner's alarm, whatever it says), SandboxFailure on a crash or a malformed reply."""
         if not self.alive:
             raise SandboxFailure("the student's process is not running")
-        timeout = self.limits.cell_seconds if timeout is None else timeout
+        timeout = self.limits.cell_seconds if timeout is None else max(0.01, timeout)
         msg = dict(msg, timeout=timeout)
-        deadline = time.monotonic() + timeout + 5.0   # grace: the runner's own alarm fires first
+        start = time.monotonic()
+        deadline = start + timeout + 5.0   # grace: the runner's own alarm fires first
         try:
             wire.write_frame(self._to_child, msg)
             (n,) = wire.HEADER.unpack(self._read(wire.HEADER.size, deadline))
             if n > self.limits.message_bytes:
                 self.kill()
                 raise SandboxFailure(f"the answer was too large ({n / 2**20:.0f} MiB)")
-            reply = wire.validate(wire.decode(self._read(n, deadline)),
-                                  max_tensor_bytes=self.limits.message_bytes)
+            reply = wire.read_message(self._read(n, deadline),
+                                      wire.MessageLimits(max_bytes=self.limits.message_bytes))
         except TimeoutError:
             self.kill()
-            raise SandboxFailure(f"timed out after {timeout:g} s (and could not be interrupted)") from None
+            raise SandboxTimeout(f"timed out after {timeout:g} s (and could not be interrupted)") from None
         except (EOFError, BrokenPipeError, OSError):
             raise SandboxFailure(f"the student's process {self._death()}") from None
         except wire.WireError as exc:
             raise SandboxFailure(str(exc)) from None
-        if not isinstance(reply, dict) or "ok" not in reply:
+        if type(reply) is not dict or type(reply.get("ok")) is not bool:
             raise SandboxFailure("the student's process sent a malformed answer")
+        failed = not reply["ok"] or reply.get("error") is not None
+        if failed and time.monotonic() - start >= timeout:
+            raise SandboxTimeout(f"timed out after {timeout:g} s")
         return reply
 
-    def run_cell(self, source: str, record: bool = True) -> CellRun:
+    def text(self, reply: dict, key: str) -> str:
+        """A string field of a reply, as the grader may show it: clipped, valid UTF-8."""
+        value = reply.get(key)
+        return "" if value is None else wire.clean_text(str(value), self.limits.output_chars)
+
+    def run_cell(self, source: str, record: bool = True, timeout: float | None = None) -> CellRun:
         try:
-            reply = self.request({"op": "run_cell", "source": source})
+            reply = self.request({"op": "run_cell", "source": source}, timeout=timeout)
+        except SandboxTimeout as exc:
+            return CellRun("timeout", error=str(exc))
         except SandboxFailure as exc:
-            status = "timeout" if "timed out" in str(exc) else "crashed"
-            return CellRun(status, error=str(exc))
-        if not reply.get("ok"):
-            text = str(reply.get("error", ""))
-            status = "timeout" if text.startswith("TimeoutError") else "error"
-            if status == "timeout":
-                text = f"timed out after {self.limits.cell_seconds:g} s"
-            return CellRun(status, str(reply.get("stdout", "")), str(reply.get("stderr", "")), text)
-        if reply.get("timed_out"):
-            return CellRun("timeout", str(reply.get("stdout", "")), str(reply.get("stderr", "")),
-                           f"timed out after {self.limits.cell_seconds:g} s")
+            return CellRun("crashed", error=str(exc))
+        out, err = self.text(reply, "stdout"), self.text(reply, "stderr")
+        if not reply["ok"] or reply.get("error") is not None:
+            return CellRun("error", out, err, self.text(reply, "error") or "Error: (no message)")
         if record:
             self.history.append(source)
-        err = reply.get("error")
-        return CellRun("error" if err else "ok", str(reply.get("stdout", "")),
-                       str(reply.get("stderr", "")), None if err is None else str(err))
+        return CellRun("ok", out, err)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import time
+
 from ..checks.core import CheckFailure
 from . import wire
-from .process import Sandbox, SandboxFailure
+from .process import Sandbox, SandboxFailure, SandboxTimeout
 
 
 class StudentError(RuntimeError):
@@ -21,13 +23,21 @@ class StudentError(RuntimeError):
     type name in the student's process, so messages read as they would in the student's kernel."""
 
     def __init__(self, text: str, mro: list | None = None):
-        self.student_mro = [str(m) for m in mro] if isinstance(mro, list) else None
+        names = [wire.clean_text(m, 200) for m in mro[:50] if type(m) is str] if type(mro) is list else []
+        self.student_mro = names or None
         kind, sep, rest = text.partition(": ")
-        if sep and kind.isidentifier():
+        if names:
+            self.student_type, message = names[0], rest if sep and kind == names[0] else text
+        elif sep and kind.isidentifier():
             self.student_type, message = kind, rest
         else:
             self.student_type, message = "Error", text
         super().__init__(message)
+
+
+class OutOfTime(BaseException):
+    """The test cell used up its time. A BaseException, so that no check's ``except Exception``
+    (which turns a student's error into a failed expectation) can swallow it and go on calling."""
 
 
 class NotATensor:
@@ -59,9 +69,12 @@ def _flatten(tree, tensors: list):
 
 def _rebuild(tree, tensors: list):
     if isinstance(tree, dict) and set(tree) == {wire.TENSOR}:
-        return tensors[tree[wire.TENSOR]]
+        i = tree[wire.TENSOR]
+        if type(i) is not int or not 0 <= i < len(tensors):
+            raise StudentError("outputs: malformed answer")
+        return tensors[i]
     if isinstance(tree, dict) and set(tree) == {wire.NOT_A_TENSOR}:
-        return NotATensor(str(tree[wire.NOT_A_TENSOR]))
+        return NotATensor(wire.clean_text(str(tree[wire.NOT_A_TENSOR]), 300))
     if isinstance(tree, (tuple, list)):
         return type(tree)(_rebuild(v, tensors) for v in tree)
     if isinstance(tree, dict):
@@ -70,19 +83,41 @@ def _rebuild(tree, tensors: list):
 
 
 class Session:
-    """The grader's connection to one student's sandbox, shared by all proxies of a test cell."""
+    """The grader's connection to one student's sandbox, shared by all proxies of a test cell.
+    Every call gets at most the cell limit and at most what is left of ``deadline`` (the test
+    cell's and the notebook's time, on the grader's clock)."""
 
-    def __init__(self, sandbox: Sandbox):
-        self.sandbox = sandbox
+    def __init__(self, sandbox: Sandbox, deadline: float | None = None):
+        self.sandbox, self.deadline = sandbox, deadline
 
     def ask(self, msg: dict) -> dict:
+        timeout = self.sandbox.limits.cell_seconds
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise OutOfTime()
+            timeout = min(timeout, left)
         try:
-            reply = self.sandbox.request(msg)
+            reply = self.sandbox.request(msg, timeout=timeout)
+        except SandboxTimeout as exc:
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                raise OutOfTime() from None
+            raise StudentError(f"your code's process failed: {exc}") from None
         except SandboxFailure as exc:
             raise StudentError(f"your code's process failed: {exc}") from None
-        if not reply.get("ok"):
-            raise StudentError(str(reply.get("error", "unknown error")), reply.get("mro"))
+        if not reply["ok"]:
+            raise StudentError(self.sandbox.text(reply, "error") or "unknown error", reply.get("mro"))
         return reply
+
+
+def _get(reply: dict, key: str, default):
+    """A reply field, or ``default`` when absent (never ``x or default``: ``x`` may be a tensor)."""
+    value = reply.get(key)
+    return default if value is None else value
+
+
+def _list_of(value, kind) -> bool:
+    return type(value) is list and all(type(v) is kind for v in value)
 
 
 def _check_tensor_list(got, what: str, n: int | None = None, allow_none: bool = False) -> list:
@@ -136,10 +171,12 @@ def _invoke(session: Session, request: dict, args: tuple, kwargs: dict, extra: l
     wrt = [i for i, t in enumerate(flat) if t.requires_grad] if need_grad else []
     request = dict(request, args=tree_args, kwargs=tree_kwargs)
     reply = session.ask(dict(request, op="call", wrt=wrt, tensors=[t.detach() for t in flat]))
-    outs = _check_tensor_list(reply.get("tensors") or [], "outputs")
+    outs = _check_tensor_list(_get(reply, "tensors", []), "outputs")
+    requires_grad = _get(reply, "requires_grad", [False] * len(outs))
+    if not _list_of(requires_grad, bool) or len(requires_grad) != len(outs):
+        raise StudentError("outputs: malformed answer")
     if need_grad and outs:
-        box = {"session": session, "request": request, "outs": outs,
-               "requires_grad": list(reply.get("requires_grad") or [False] * len(outs))}
+        box = {"session": session, "request": request, "outs": outs, "requires_grad": requires_grad}
         outs = list(_RemoteOp.apply(box, *flat))
     return _rebuild(reply.get("out"), outs)
 
@@ -170,10 +207,13 @@ class RemoteClass(_Remote):
         reply = self._session.ask({"op": "new", "target": self.__name__, "args": tree_args,
                                    "kwargs": tree_kwargs, "tensors": [t.detach() for t in tensors]})
         if reply.get("handle") is None:
-            return NotATensor(str(reply.get("type", "object")) + " (not an nn.Module)")
-        state = _check_tensor_list(reply.get("state"), "parameters", len(reply.get("names") or []))
-        return RemoteModule(self._session, int(reply["handle"]), list(reply["names"]),
-                            list(reply["is_param"]), state, self.__name__)
+            return NotATensor(self._session.sandbox.text(reply, "type") + " (not an nn.Module)")
+        names, is_param = reply.get("names"), reply.get("is_param")
+        if type(reply["handle"]) is not int or not _list_of(names, str) or not _list_of(is_param, bool) \
+                or len(names) != len(is_param) or any(not n or len(n) > 1000 for n in names):
+            raise StudentError("your module: malformed answer")
+        state = _check_tensor_list(reply.get("state"), "parameters", len(names))
+        return RemoteModule(self._session, reply["handle"], names, is_param, state, self.__name__)
 
 
 class RemoteModule(nn.Module):
@@ -208,7 +248,7 @@ class RemoteModule(nn.Module):
 def make_proxy(session: Session, name: str, scope_source: str):
     """A proxy for the student's ``name``, of the right kind, or None if it is not defined."""
     reply = session.ask({"op": "lookup", "name": name})
-    kind = reply.get("kind")
+    kind = reply.get("kind")   # anything but these two strings means "not defined"
     if kind == "class":
         return RemoteClass(session, name, scope_source)
     if kind == "callable":
