@@ -32,36 +32,70 @@ def _check() -> int:
     return 0
 
 
+def _probe_sandbox() -> str | None:
+    """Why no student could be graded here, or None: refuse to start rather than give everybody 0."""
+    from .sandbox.process import Sandbox, SandboxUnavailable
+
+    try:
+        with Sandbox() as probe:
+            run = probe.run_cell("import torch, autograder.sandbox.runner")
+            if run.status != "ok":
+                return f"the sandbox cannot import torch and the grader: {run.error}"
+    except SandboxUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def _package_seen_by_nbgrader(course: Path) -> str | None:
+    """The ``autograder`` package nbgrader will load for this course (it may differ from ours
+    when the venv's editable install points at another checkout)."""
+    run = subprocess.run([sys.executable, "-P", "-c", "import autograder; print(autograder.__file__)"],
+                         cwd=course, capture_output=True, text=True)
+    return str(Path(run.stdout.strip()).parent) if run.returncode == 0 else None
+
+
+def _prepare_all(course: Path, assignment: str, release_dir: Path) -> None:
+    """Repair every submission before nbgrader sees it; one student's folder can never stop
+    the others' (``prepare`` does not raise; this guard is for a bug in it)."""
+    from .submissions import prepare
+
+    submitted = course / "submitted"
+    for student_dir in sorted(submitted.glob(f"*/{assignment}")) if submitted.is_dir() else []:
+        student = student_dir.parent.name
+        try:
+            notes = prepare(student_dir, release_dir)
+        except Exception as exc:  # noqa: BLE001 - reported, and that student is graded as submitted
+            notes = [f"could not be checked before grading ({type(exc).__name__}: {exc})"]
+        for note in notes:
+            print(f"[{student}] {note}")
+
+
 def _grade(assignment: str, course: Path) -> int:
     import csv
 
-    from .submissions import prepare
-
-    from .sandbox.process import Sandbox, SandboxUnavailable
-
-    try:   # refuse to grade at all rather than fail every student if the sandbox cannot start
-        with Sandbox() as probe:
-            if probe.run_cell("import torch").status != "ok":
-                raise SandboxUnavailable("torch does not import inside the sandbox")
-    except SandboxUnavailable as exc:
-        print(f"Cannot grade: {exc}")
+    why = _probe_sandbox()
+    if why:
+        print(f"Cannot grade: {why}")
         return 1
+    ours, theirs = str(Path(__file__).resolve().parent), _package_seen_by_nbgrader(course)
+    if theirs and Path(theirs).resolve() != Path(ours):
+        print(f"Note: nbgrader will grade with the autograder package in {theirs}, "
+              f"not this command's {ours} (the virtualenv's install points there).")
     nbgrader = [str(Path(sys.executable).parent / "nbgrader")]
     release_dir = course / "release" / assignment
     if not release_dir.is_dir():
         release_dir = REPO / "notebooks" / assignment
-    notes = {}
-    for student_dir in sorted((course / "submitted").glob(f"*/{assignment}")):
-        notes[student_dir.parent.name] = prepare(student_dir, release_dir)
-    for student, msgs in notes.items():
-        for m in msgs:
-            print(f"[{student}] {m}")
+    _prepare_all(course, assignment, release_dir)
     steps = [["autograde", assignment, "--force"], ["generate_feedback", assignment, "--force"],
              ["export", "--to", str(course / "grades.csv")]]
     status = 0
     for step in steps:
         print("$ nbgrader " + " ".join(step), flush=True)
         status |= subprocess.run(nbgrader + step, cwd=course).returncode
+        if step[0] == "generate_feedback":
+            from .feedback import secure_feedback
+            for note in secure_feedback(course, assignment):
+                print(note)
     grades = course / "grades.csv"
     if grades.exists():
         for row in csv.DictReader(grades.open()):

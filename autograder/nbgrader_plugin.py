@@ -37,11 +37,13 @@ class SandboxedGrading(NbGraderPreprocessor):
         chapter = read_chapter(source_dir / f"{info['notebook']}.ipynb")
         data = [p for p in release_dir.glob("*") if p.is_file() and p.suffix != ".ipynb"] \
             if release_dir.is_dir() else []
-        limits = Limits(memory_bytes=int(self.memory_gib * 2**30), cpu_seconds=self.cpu_seconds,
+        # Training cells get their own limit on top of the notebook's (and the CPU time to match).
+        budget = self.notebook_timeout + chapter.training_seconds * len(chapter.training_ids)
+        limits = Limits(memory_bytes=int(self.memory_gib * 2**30), cpu_seconds=max(self.cpu_seconds, int(budget)),
                         cell_seconds=self.cell_timeout, test_seconds=self.test_timeout,
                         disk_bytes=self.disk_mib * 2**20, processes=self.max_processes)
         report = grade_notebook(nb, chapter, solutions_dir=source_dir.parent, limits=limits,
-                                data_files=data, budget_seconds=self.notebook_timeout)
+                                data_files=data, budget_seconds=budget)
         for event in report.events:
             self.log.warning("%s/%s: %s", info["student"], info["notebook"], event)
         passed = sum(v.passed for v in report.verdicts)

@@ -16,6 +16,7 @@ def configure(c, root: str | Path, source: str = "solutions", release: str = "no
     from nbgrader.preprocessors import (AssignLatePenalties, CheckCellMetadata, ClearHiddenTests,
                                         GetGrades, IgnorePattern, LimitOutput, SaveAutoGrades)
 
+    from .feedback import feedback_exporter
     from .nbgrader_plugin import SandboxedGrading
 
     root = Path(root).resolve()
@@ -37,5 +38,12 @@ def configure(c, root: str | Path, source: str = "solutions", release: str = "no
     c.IgnorePattern.pattern = r"^.*Warning:.*$"
     # Feedback never shows hidden tests.
     c.GenerateFeedback.preprocessors = [GetGrades, CSSHTMLHeaderPreprocessor, ClearHiddenTests]
+    # Instructors open feedback pages in a browser logged into the course server, so nothing a
+    # student wrote may become live markup there. sanitize_html cleans outputs and raw cells and
+    # drops JavaScript/widget outputs; nbgrader's feedback template renders markdown cells without
+    # consulting it, so the exporter sanitises rendered markdown too (autograder.feedback, which
+    # also adds a CSP and checks every page after generate_feedback).
+    c.HTMLExporter.sanitize_html = True
+    c.GenerateFeedback.exporter_class = feedback_exporter()
     if exchange is not None:
         c.Exchange.root = str(exchange)

@@ -8,13 +8,17 @@ A chapter's source notebook (``solutions/<chapter>/<chapter>.ipynb``) is made of
   their top-level ``def``/``class`` names are the student's API for that chapter;
 * **test** cells (nbgrader ``grade``, locked): visible checks, then ``### BEGIN/END HIDDEN TESTS``;
   a test cell grades the answer cells between it and the previous test cell;
-* narrative markdown and code (figures, demos) in between.
+* narrative markdown and code (figures, demos) in between;
+* **training** cells (tag ``training``, with a ``grade_id`` so the grader can find them in a
+  submission): they run under the chapter's longer limit, ``metadata.afs.training_seconds`` of
+  the source notebook (default 300 s), and the top-level names they assign (a trained
+  ``model``) join the API of the next test cell, which grades the object as it was left.
 """
 from __future__ import annotations
 
 import ast
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -35,6 +39,10 @@ def tags(cell) -> list[str]:
     return list(cell.get("metadata", {}).get("tags", []))
 
 
+def is_training(cell) -> bool:
+    return cell.get("cell_type") == "code" and "training" in tags(cell) and bool(meta(cell).get("grade_id"))
+
+
 def is_imports(cell) -> bool:
     return cell.get("cell_type") == "code" and "imports" in tags(cell)
 
@@ -49,13 +57,38 @@ def strip_magics(code: str) -> str:
     return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in code.splitlines())
 
 
-def defined_names(code: str) -> list[str]:
-    """Top-level ``def`` and ``class`` names of a cell."""
+MAX_PARSE_CHARS = 256 * 1024   # far above any real cell; hostile code takes ~2 s per million chars
+
+
+def safe_parse(code: str) -> ast.Module | None:
+    """``ast.parse(code)``, or None if it cannot be parsed for *any* reason. Student code makes
+    the parser raise more than SyntaxError: ValueError (null bytes, lone surrogates),
+    RecursionError (``a.a.a...``) or MemoryError (``------x``) when thousands deep, and a huge
+    source is refused before it costs seconds. Use it for every parse of a student's code."""
+    if not isinstance(code, str) or len(code) > MAX_PARSE_CHARS:
+        return None
     try:
-        tree = ast.parse(strip_magics(code))
-    except SyntaxError:
-        return []
-    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))]
+        return ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+
+
+def defined_names(code: str) -> list[str]:
+    """Top-level ``def`` and ``class`` names of a cell (none if it does not parse)."""
+    tree = safe_parse(strip_magics(code))
+    body = tree.body if tree is not None else []
+    return [n.name for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))]
+
+
+def assigned_names(code: str) -> list[str]:
+    """Top-level names a cell binds by ``def``, ``class`` or a plain assignment."""
+    tree = safe_parse(strip_magics(code))
+    names = []
+    for stmt in tree.body if tree is not None else []:
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else \
+            [stmt.target] if isinstance(stmt, (ast.AnnAssign, ast.AugAssign)) else []
+        names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return list(dict.fromkeys(defined_names(code) + names))
 
 
 @dataclass
@@ -74,6 +107,8 @@ class Chapter:
     imports_source: str
     exercises: list[Exercise]
     narrative_sources: set[str]   # sources of the instructor's non-answer code cells
+    training_ids: set[str] = field(default_factory=set)   # grade_ids of training cells
+    training_seconds: float = 300.0
 
     @property
     def api(self) -> list[str]:
@@ -88,12 +123,17 @@ def read_cells(path: str | Path) -> list[dict]:
 def read_chapter(path: str | Path) -> Chapter:
     """Parse a *source* notebook into its imports, exercises and narrative code."""
     path = Path(path)
+    notebook = json.loads(path.read_text(encoding="utf-8"))
     imports, exercises, pending_ids, pending_api, narrative = [], [], [], [], set()
-    for cell in read_cells(path):
+    training: set[str] = set()
+    for cell in notebook["cells"]:
         if cell.get("cell_type") != "code":
             continue
         if is_imports(cell):
             imports.append(source(cell))
+        if is_training(cell):
+            training.add(meta(cell)["grade_id"])
+            pending_api.extend(n for n in assigned_names(source(cell)) if n not in pending_api)
         if is_solution(cell):
             pending_ids.append(meta(cell).get("grade_id", ""))
             pending_api.extend(defined_names(source(cell)))
@@ -103,4 +143,5 @@ def read_chapter(path: str | Path) -> Chapter:
             pending_ids, pending_api = [], []
         else:
             narrative.add(source(cell))
-    return Chapter(path, "\n".join(imports), exercises, narrative)
+    seconds = notebook.get("metadata", {}).get("afs", {}).get("training_seconds", 300.0)
+    return Chapter(path, "\n".join(imports), exercises, narrative, training, float(seconds))

@@ -2,7 +2,9 @@
 exactly its expected score per exercise, in bounded time."""
 from __future__ import annotations
 
+import os
 import re
+import stat
 import statistics
 import time
 from pathlib import Path
@@ -10,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from conftest import grade, make_course, needs_bwrap, needs_jupyter, scores
-from corpus import ch01, ch02, ch03
+from corpus import attacks, ch01, ch02, ch03
 
 pytestmark = [needs_jupyter, needs_bwrap, pytest.mark.slow]
 
-CORPORA = {"ch01_attention": ch01.CASES, "ch02_masking": ch02.CASES, "ch03_multihead": ch03.CASES}
+CORPORA = {"ch01_attention": ch01.CASES + attacks.CASES, "ch02_masking": ch02.CASES, "ch03_multihead": ch03.CASES}
 ALL = [(chapter, case) for chapter, cases in CORPORA.items() for case in cases]
 
 
@@ -32,6 +34,8 @@ def write_submission(course: Path, chapter: str, case) -> None:
         nbformat.write(result, target)
     for name, text in case.extra_files.items():
         (folder / name).write_text(text)
+    if case.setup is not None:
+        case.setup(folder, course)
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +74,24 @@ def test_corpus_grades_in_bounded_time_and_touches_nothing_else(graded, chapter)
     for page in feedback:
         text = page.read_text()
         assert "BEGIN HIDDEN TESTS" not in text and "compare_with_reference" not in text, page
+
+
+@pytest.mark.parametrize("chapter", list(CORPORA))
+def test_nothing_unsafe_reaches_autograded_or_feedback(graded, chapter):
+    """What nbgrader copies on the host holds only plain files of bounded size: no link, FIFO or
+    device, no solution, no host secret, no student script."""
+    course = graded[chapter]["course"]
+    shadow = [line for line in Path("/etc/shadow").read_text().splitlines() if line.strip()][:1] \
+        if os.access("/etc/shadow", os.R_OK) else []
+    for top in ("autograded", "feedback"):
+        for path in (course / top).rglob("*"):
+            mode = path.lstat().st_mode
+            assert stat.S_ISREG(mode) or stat.S_ISDIR(mode), f"{path} is not a plain file"
+            if stat.S_ISREG(mode):
+                assert path.stat().st_nlink == 1, f"{path} is a hard link"
+                assert path.stat().st_size < 8 * 2**20, f"{path} is {path.stat().st_size} bytes"
+                text = path.read_bytes().decode("utf-8", "replace")
+                assert "BEGIN SOLUTION" not in text and "instructor only" not in text, path
+                assert not any(line in text for line in shadow), f"{path} holds /etc/shadow"
+                if path.suffix == ".html":
+                    assert "<script>document.title" not in text and 'onerror="alert' not in text, path

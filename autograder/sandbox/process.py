@@ -98,7 +98,7 @@ class Sandbox:
             raise SandboxUnavailable("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
         self.limits = limits or Limits()
         self.data_files = list(data_files or [])
-        self.history: list[str] = []    # cells that ran to completion, replayed after a restart
+        self.history: list[tuple[str, float | None]] = []   # (cell, time limit) that completed, replayed after a restart
         self.restarts = 0
         self.proc: subprocess.Popen | None = None
         self._cuda = torch.cuda.is_available()
@@ -250,11 +250,11 @@ class Sandbox:
         self.restarts += 1
         self.start()
         kept = []
-        for src in self.history:
-            run = self.run_cell(src, record=False)
+        for src, timeout in self.history:
+            run = self.run_cell(src, record=False, timeout=timeout)
             if run.status in ("timeout", "crashed"):
                 break
-            kept.append(src)
+            kept.append((src, timeout))
         self.history = kept
 
     @property
@@ -341,5 +341,5 @@ class Sandbox:
         if not reply["ok"] or reply.get("error") is not None:
             return CellRun("error", out, err, self.text(reply, "error") or "Error: (no message)")
         if record:
-            self.history.append(source)
+            self.history.append((source, timeout))
         return CellRun("ok", out, err)

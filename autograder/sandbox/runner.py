@@ -55,7 +55,7 @@ def main(fd_in: int, fd_out: int) -> None:
 
     shell = InteractiveShell.instance(colors="NoColor")
     shell.user_ns["__name__"] = "__main__"
-    handles: dict[int, object] = {}
+    state = _State(shell)
     signal.signal(signal.SIGALRM, _on_alarm)
 
     def read_frame():
@@ -76,7 +76,7 @@ def main(fd_in: int, fd_out: int) -> None:
         try:
             if timeout:
                 signal.setitimer(signal.ITIMER_REAL, timeout)
-            reply = _handle(req, shell, handles)
+            reply = OPS[req["op"]](req, state)
         except BaseException as exc:  # noqa: BLE001 - every student failure becomes a reply
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
                      "mro": [c.__name__ for c in type(exc).__mro__],
@@ -104,92 +104,210 @@ def _read_exact(fd, n):
 
 
 # ---------------------------------------------------------------------------------------------
+# The grader's requests. Objects the grader holds (modules) are kept here by handle; a module
+# is described once (its submodules, parameters, buffers and their values) and afterwards only
+# the tensors the grader changed travel in (``sync``). A call with gradients keeps its graph for
+# the backward request, which is also given the same seed, so dropout masks match.
 
-def _pack(obj, tensors):
-    """Student result -> wire tree; anything that is not a plain tensor or primitive is named."""
-    import torch
-    from autograder.sandbox.wire import NOT_A_TENSOR, PRIMITIVES, TENSOR
-    if type(obj) is torch.Tensor:
-        tensors.append(obj)
-        return {TENSOR: len(tensors) - 1}
-    if isinstance(obj, torch.Tensor):
-        return {NOT_A_TENSOR: f"{type(obj).__name__} (a Tensor subclass)"}
-    if type(obj) in PRIMITIVES:
+_CACHED_CALLS = 4
+
+
+class _State:
+    def __init__(self, shell):
+        self.shell = shell
+        self.objects: dict[int, object] = {}
+        self.calls: dict[int, tuple] = {}     # call id -> (inputs, params, outputs), newest last
+
+    def add(self, obj) -> int:
+        for handle, known in self.objects.items():
+            if known is obj:
+                return handle
+        self.objects[len(self.objects) + 1] = obj
+        return len(self.objects)
+
+    def resolve(self, ref):
+        """``[root handle, path]`` -> the object; a path step is an attribute or an index."""
+        root, path = ref
+        obj = self.objects[root]
+        for step in path:
+            obj = obj[step] if type(step) is int else getattr(obj, step)
         return obj
-    if type(obj) in (tuple, list):
-        return type(obj)(_pack(v, tensors) for v in obj)
-    return {NOT_A_TENSOR: f"{type(obj).__module__}.{type(obj).__qualname__}"}
+
+    def remember(self, call_id, entry) -> None:
+        self.calls[call_id] = entry
+        while len(self.calls) > _CACHED_CALLS:
+            del self.calls[next(iter(self.calls))]
 
 
-def _unpack(tree, tensors):
-    from autograder.sandbox.wire import TENSOR
-    if isinstance(tree, dict) and set(tree) == {TENSOR}:
-        return tensors[tree[TENSOR]]
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(_unpack(v, tensors) for v in tree)
-    if isinstance(tree, dict):
-        return {k: _unpack(v, tensors) for k, v in tree.items()}
-    return tree
+def describe(state: _State, module, tensors: list) -> dict:
+    """A module as the grader mirrors it: submodules, parameters (tied ones share a key) and
+    buffers with their persistence, the values appended to ``tensors`` once per key."""
+    from autograder.sandbox.codec import type_name
+    keys: dict[int, int] = {}
+
+    def key(t):
+        if id(t) not in keys:
+            keys[id(t)] = len(tensors)
+            tensors.append(t.detach().contiguous().clone())
+        return keys[id(t)]
+
+    modules = [[name, type_name(m)] for name, m in module.named_modules()]
+    params = [[name, key(p), bool(p.requires_grad)]
+              for name, p in module.named_parameters(remove_duplicate=False)]
+    buffers = []
+    for name, b in module.named_buffers(remove_duplicate=False):
+        owner_path, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_path)
+        buffers.append([name, key(b), leaf not in owner._non_persistent_buffers_set])
+    return {"handle": state.add(module), "type": type_name(module), "modules": modules,
+            "params": params, "buffers": buffers}
 
 
-def _handle(req, shell, handles):
+def _pack(state: _State, result) -> dict:
+    """A result -> reply fields: modules are described (and kept), other objects named."""
     import torch
-    op = req["op"]
-    if op == "run_cell":
-        result = shell.run_cell(req["source"], store_history=True)
-        error = result.error_before_exec or result.error_in_exec
-        return {"ok": True, "error": None if error is None else f"{type(error).__name__}: {error}",
-                "timed_out": isinstance(error, (TimeoutError, KeyboardInterrupt))}
-    if op == "lookup":
-        obj = shell.user_ns.get(req["name"], _MISSING)
-        if obj is _MISSING:
-            return {"ok": True, "kind": "missing"}
-        kind = "class" if isinstance(obj, type) else "callable" if callable(obj) else "other"
-        return {"ok": True, "kind": kind, "type": f"{type(obj).__module__}.{type(obj).__qualname__}"}
+    from autograder.sandbox.codec import MODULE, flatten, not_a_tensor
 
+    outputs: list = []
+    module_state: list = []
+
+    def other(obj):
+        if isinstance(obj, torch.nn.Module):
+            return {MODULE: describe(state, obj, module_state)}
+        return not_a_tensor(obj)
+
+    tree = flatten(result, outputs, other)
+    return {"ok": True, "out": tree, "requires_grad": [bool(t.requires_grad) for t in outputs],
+            "tensors": [t.detach().contiguous().clone() for t in outputs], "state": module_state}
+
+
+def _arguments(req, state: _State):
+    from autograder.sandbox.codec import HANDLE, rebuild
     tensors = list(req.get("tensors", []))
-    wrt = req.get("wrt") or []
+    markers = {HANDLE: state.resolve}
+    return tensors, markers, (lambda tree: rebuild(tree, tensors, markers))
+
+
+def _sync(req, state: _State, tensors: list) -> None:
+    """Put the grader's changed parameters and buffers into the student's modules, in place
+    (``.data``, as ``Module.to`` does), so tied parameters stay tied."""
+    import torch
+    with torch.no_grad():
+        for (root, name), index in zip(req.get("sync", []), req.get("sync_at", [])):
+            module = state.objects[root]
+            owner_path, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_path)
+            value = tensors[index]
+            if leaf in owner._parameters and owner._parameters[leaf] is not None:
+                owner._parameters[leaf].data = value
+            else:
+                owner._buffers[leaf] = value
+        for root, path, flag in req.get("training", []):
+            state.objects[root].get_submodule(path).training = bool(flag)
+
+
+def _target(req, state: _State):
+    if "target" in req:
+        return state.shell.user_ns[req["target"]]
+    obj = state.resolve(req["ref"])
+    return obj if req.get("method") is None else getattr(obj, req["method"])
+
+
+def _forward(req, state: _State):
+    """Run the requested call with the request's seed; return (inputs, params, outputs, result)."""
+    import torch
+    tensors, _, unpack = _arguments(req, state)
+    _sync(req, state, tensors)
+    if req.get("seed") is not None:
+        torch.manual_seed(int(req["seed"]))
     with torch.enable_grad():
-        for i in wrt:
+        for i in req.get("wrt", []):
             tensors[i] = tensors[i].detach().requires_grad_()
-        args = _unpack(req.get("args", ()), tensors)
-        kwargs = _unpack(req.get("kwargs", {}), tensors)
-        if op == "new":
-            cls = shell.user_ns[req["target"]]
-            module = cls(*args, **kwargs)
-            if not isinstance(module, torch.nn.Module):
-                return {"ok": True, "handle": None,
-                        "type": f"{type(module).__module__}.{type(module).__qualname__}"}
-            handles[len(handles) + 1] = module
-            params = dict(module.named_parameters())
-            state = module.state_dict()
-            names = list(state)
-            return {"ok": True, "handle": len(handles), "names": names,
-                    "is_param": [n in params for n in names],
-                    "state": [state[n].detach().clone() for n in names]}
-        if "handle" in req:
-            module = handles[req["handle"]]
-            module.train(bool(req.get("training", False)))
-            n_state = len(req["names"])
-            state = dict(zip(req["names"], tensors[len(tensors) - n_state:]))
-            result = torch.func.functional_call(module, state, tuple(args), kwargs)
-        else:
-            result = shell.user_ns[req["target"]](*args, **kwargs)
-        out_tensors: list = []
-        tree = _pack(result, out_tensors)
-        if op == "call":
-            return {"ok": True, "out": tree,
-                    "requires_grad": [bool(t.requires_grad) for t in out_tensors],
-                    "tensors": [t.detach().contiguous().clone() for t in out_tensors]}
-        # op == "vjp": gradients of sum(out_i * grad_out_i) with respect to the tensors in wrt.
-        pairs = [(o, g) for o, g in zip(out_tensors, req["grad_outputs"]) if g is not None and o.requires_grad]
-        if not pairs:
-            raise RuntimeError("no output of this call requires grad")
-        got = torch.autograd.grad([o for o, _ in pairs], [tensors[i] for i in wrt],
-                                  [g for _, g in pairs], allow_unused=True)
-        return {"ok": True, "grads": [None if g is None else g.detach().contiguous().clone() for g in got]}
+        args, kwargs = unpack(req.get("args", ())), unpack(req.get("kwargs", {}))
+        root = req["ref"][0] if "ref" in req else None
+        params = [state.objects[root].get_parameter(n) for n in req.get("wrt_params", [])]
+        result = _target(req, state)(*args, **kwargs)
+    return [tensors[i] for i in req.get("wrt", [])], params, result
 
 
+def op_call(req, state: _State) -> dict:
+    inputs, params, result = _forward(req, state)
+    reply = _pack(state, result)
+    if inputs or params:
+        import torch
+        outputs = []
+        from autograder.sandbox.codec import flatten
+        flatten(result, outputs, lambda obj: None)
+        state.remember(req.get("call_id"), (inputs, params, [t for t in outputs if isinstance(t, torch.Tensor)]))
+    return reply
+
+
+def op_vjp(req, state: _State) -> dict:
+    """Gradients of sum(out_i * grad_out_i) with respect to the call's inputs and parameters,
+    from the graph the call kept (or from the same call again, with the same seed)."""
+    import torch
+    from autograder.sandbox.codec import flatten
+    entry = state.calls.get(req.get("call_id"))
+    if entry is None:
+        inputs, params, result = _forward(req, state)
+        outputs: list = []
+        flatten(result, outputs, lambda obj: None)
+        entry = (inputs, params, outputs)
+    inputs, params, outputs = entry
+    pairs = [(o, g) for o, g in zip(outputs, req["grad_outputs"]) if g is not None and o.requires_grad]
+    if not pairs:
+        raise RuntimeError("no output of this call requires grad")
+    got = torch.autograd.grad([o for o, _ in pairs], [*inputs, *params], [g for _, g in pairs],
+                              allow_unused=True, retain_graph=True)
+    return {"ok": True, "grads": [None if g is None else g.detach().contiguous().clone() for g in got]}
+
+
+def op_new(req, state: _State) -> dict:
+    import torch
+    from autograder.sandbox.codec import type_name
+    tensors, _, unpack = _arguments(req, state)
+    if req.get("seed") is not None:
+        torch.manual_seed(int(req["seed"]))
+    obj = state.shell.user_ns[req["target"]](*unpack(req.get("args", ())), **unpack(req.get("kwargs", {})))
+    if not isinstance(obj, torch.nn.Module):
+        return {"ok": True, "module": None, "type": type_name(obj)}
+    module_state: list = []
+    return {"ok": True, "module": describe(state, obj, module_state), "state": module_state}
+
+
+def op_get(req, state: _State) -> dict:
+    """An attribute of a kept object: a value, a module (described), or "a method"."""
+    import torch
+    value = getattr(state.resolve(req["ref"]), req["name"])
+    if callable(value) and not isinstance(value, torch.nn.Module):
+        return {"ok": True, "kind": "method"}
+    return dict(_pack(state, value), kind="value")
+
+
+def op_run_cell(req, state: _State) -> dict:
+    result = state.shell.run_cell(req["source"], store_history=True)
+    error = result.error_before_exec or result.error_in_exec
+    return {"ok": True, "error": None if error is None else f"{type(error).__name__}: {error}"}
+
+
+def op_lookup(req, state: _State) -> dict:
+    import torch
+    from autograder.sandbox.codec import type_name
+    obj = state.shell.user_ns.get(req["name"], _MISSING)
+    if obj is _MISSING:
+        return {"ok": True, "kind": "missing"}
+    if isinstance(obj, type):
+        return {"ok": True, "kind": "class"}
+    if isinstance(obj, torch.nn.Module):
+        module_state: list = []
+        return {"ok": True, "kind": "module", "module": describe(state, obj, module_state), "state": module_state}
+    if callable(obj):
+        return {"ok": True, "kind": "callable"}
+    return dict(_pack(state, obj), kind="value", type=type_name(obj))
+
+
+OPS = {"run_cell": op_run_cell, "lookup": op_lookup, "new": op_new, "call": op_call,
+       "vjp": op_vjp, "get": op_get}
 _MISSING = object()
 
 

@@ -17,6 +17,8 @@ class Case:
     extra_files: dict[str, str] = field(default_factory=dict)
     filename: str | None = None     # submit under another file name
     note: str = ""
+    # Called after the notebook is written: setup(folder, course) plants files (links, FIFOs...).
+    setup: Callable | None = None
 
 
 def gid(cell) -> str | None:
