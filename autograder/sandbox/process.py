@@ -338,6 +338,9 @@ class Sandbox:
         except SandboxFailure as exc:
             return CellRun("crashed", error=str(exc))
         out, err = self.text(reply, "stdout"), self.text(reply, "stderr")
+        over = self.watchdog.enforce()   # what a cell leaves behind counts too (and is not replayed)
+        if over:
+            return CellRun("crashed", out, err, f"the student's process was stopped because {over}")
         if not reply["ok"] or reply.get("error") is not None:
             return CellRun("error", out, err, self.text(reply, "error") or "Error: (no message)")
         if record:

@@ -75,9 +75,11 @@ def _disk(pid: int) -> int:
 
 
 def measure(root_pid: int) -> Totals:
+    """Totals of the student's processes: bubblewrap's own init (its first child, which lives in
+    the sandbox's mounts) is not the student's and is not counted as one of theirs."""
     pids = descendants(root_pid)
-    inside = pids[0] if pids else None    # bubblewrap's first child lives in the sandbox's mounts
-    return Totals(len(pids), sum(_memory(p) for p in pids), _disk(inside) if inside else 0)
+    inside = pids[0] if pids else None
+    return Totals(max(0, len(pids) - 1), sum(_memory(p) for p in pids), _disk(inside) if inside else 0)
 
 
 class Watchdog:
@@ -105,8 +107,8 @@ class Watchdog:
         now = measure(self.root_pid)
         self.peak = Totals(*(max(a, b) for a, b in zip(vars(self.peak).values(), vars(now).values())))
         lim = self.limits
-        if now.processes > lim.processes:
-            return f"it started more than {lim.processes} processes"
+        if now.processes >= lim.processes:
+            return f"it ran {lim.processes} processes at once (the limit)"
         if now.memory_bytes > lim.memory_bytes:
             return (f"its processes used more than {lim.memory_bytes / 2**30:g} GiB of memory "
                     f"together ({now.memory_bytes / 2**30:.1f} GiB)")
@@ -114,6 +116,17 @@ class Watchdog:
             return (f"its files in /tmp, /dev/shm and its work folder went over "
                     f"{lim.disk_bytes / 2**20:.0f} MiB together")
         return None
+
+    def enforce(self) -> str | None:
+        """Check now (at the end of a cell): kill and return the reason if a total is over."""
+        try:
+            reason = self.check()
+        except Exception:  # noqa: BLE001 - /proc races
+            return None
+        if reason:
+            self.reason = reason
+            self._kill()
+        return reason
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
