@@ -182,10 +182,17 @@ def _pack(state: _State, result) -> dict:
 
 
 def _arguments(req, state: _State):
+    """The request's tensors, and a function that rebuilds its argument trees from them."""
     from autograder.sandbox.codec import HANDLE, rebuild
     tensors = list(req.get("tensors", []))
-    markers = {HANDLE: state.resolve}
-    return tensors, markers, (lambda tree: rebuild(tree, tensors, markers))
+    return tensors, (lambda tree: rebuild(tree, tensors, {HANDLE: state.resolve}))
+
+
+def _tensors_of(result) -> list:
+    from autograder.sandbox.codec import flatten
+    found: list = []
+    flatten(result, found, lambda obj: None)
+    return found
 
 
 def _sync(req, state: _State, tensors: list) -> None:
@@ -216,7 +223,7 @@ def _target(req, state: _State):
 def _forward(req, state: _State):
     """Run the requested call with the request's seed; return (inputs, params, outputs, result)."""
     import torch
-    tensors, _, unpack = _arguments(req, state)
+    tensors, unpack = _arguments(req, state)
     _sync(req, state, tensors)
     if req.get("seed") is not None:
         torch.manual_seed(int(req["seed"]))
@@ -233,12 +240,8 @@ def _forward(req, state: _State):
 def op_call(req, state: _State) -> dict:
     inputs, params, result = _forward(req, state)
     reply = _pack(state, result)
-    if inputs or params:
-        import torch
-        outputs = []
-        from autograder.sandbox.codec import flatten
-        flatten(result, outputs, lambda obj: None)
-        state.remember(req.get("call_id"), (inputs, params, [t for t in outputs if isinstance(t, torch.Tensor)]))
+    if inputs or params:     # keep the graph for the backward request
+        state.remember(req.get("call_id"), (inputs, params, _tensors_of(result)))
     return reply
 
 
@@ -246,13 +249,10 @@ def op_vjp(req, state: _State) -> dict:
     """Gradients of sum(out_i * grad_out_i) with respect to the call's inputs and parameters,
     from the graph the call kept (or from the same call again, with the same seed)."""
     import torch
-    from autograder.sandbox.codec import flatten
     entry = state.calls.get(req.get("call_id"))
     if entry is None:
         inputs, params, result = _forward(req, state)
-        outputs: list = []
-        flatten(result, outputs, lambda obj: None)
-        entry = (inputs, params, outputs)
+        entry = (inputs, params, _tensors_of(result))
     inputs, params, outputs = entry
     pairs = [(o, g) for o, g in zip(outputs, req["grad_outputs"]) if g is not None and o.requires_grad]
     if not pairs:
@@ -265,7 +265,7 @@ def op_vjp(req, state: _State) -> dict:
 def op_new(req, state: _State) -> dict:
     import torch
     from autograder.sandbox.codec import type_name
-    tensors, _, unpack = _arguments(req, state)
+    _, unpack = _arguments(req, state)
     if req.get("seed") is not None:
         torch.manual_seed(int(req["seed"]))
     obj = state.shell.user_ns[req["target"]](*unpack(req.get("args", ())), **unpack(req.get("kwargs", {})))
