@@ -18,15 +18,14 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from .chapters import CHAPTERS
+from .course import CHAPTERS, REPO, ensure_tools_on_path, released_notebook, source_notebook
 from .notebook import is_solution, is_test
-from .release import REPO, ensure_tools_on_path
 
 OUT = REPO / "book" / "_chapters"
 
 
 def execute_source(chapter: str, timeout: int = 600):
-    path = REPO / "solutions" / chapter / f"{chapter}.ipynb"
+    path = source_notebook(chapter)
     nb = nbformat.read(path, as_version=4)
     # Figures must come out inline whatever the caller's MPLBACKEND says (Agg would draw nothing).
     old = os.environ.get("MPLBACKEND")
@@ -45,7 +44,7 @@ def execute_source(chapter: str, timeout: int = 600):
 def reader_notebook(chapter: str, executed=None):
     """The released notebook with the executed source's outputs on its narrative cells."""
     executed = executed if executed is not None else execute_source(chapter)
-    released = nbformat.read(REPO / "notebooks" / chapter / f"{chapter}.ipynb", as_version=4)
+    released = nbformat.read(released_notebook(chapter), as_version=4)
     if [c.cell_type for c in executed.cells] != [c.cell_type for c in released.cells]:
         raise RuntimeError(f"{chapter}: notebooks/ does not match solutions/; run `python -m autograder release`")
     page = copy.deepcopy(released)

@@ -8,7 +8,6 @@ cell gets outputs that nbgrader scores as usual: an ``error`` output (0 points) 
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import io
 import logging
@@ -21,7 +20,8 @@ from pathlib import Path
 import nbformat
 
 from .checks.core import CheckFailure
-from .notebook import Chapter, meta, safe_parse, source, strip_magics
+from .checks.scan import used_code
+from .notebook import Chapter, meta, source, strip_magics
 from .reference import ENV_VAR
 from .sandbox.process import Limits, Sandbox, SandboxUnavailable
 from .sandbox.proxy import OutOfTime, Session, StudentError, make_proxy
@@ -64,44 +64,6 @@ def _stream(text: str, name: str = "stdout"):
     return nbformat.v4.new_output("stream", name=name, text=text)
 
 
-def _defined(stmt: ast.stmt) -> set[str]:
-    """Names a top-level statement binds (def, class, assignment, import)."""
-    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return {stmt.name}
-    if isinstance(stmt, (ast.Import, ast.ImportFrom)):
-        return {(a.asname or a.name).split(".")[0] for a in stmt.names}
-    targets = stmt.targets if isinstance(stmt, ast.Assign) else \
-        [stmt.target] if isinstance(stmt, (ast.AnnAssign, ast.AugAssign)) else []
-    return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
-
-
-def used_code(sources: list[str], roots: list[str]) -> str | None:
-    """The code the objects named ``roots`` actually use: their last top-level definitions in
-    ``sources`` (cells in execution order), and recursively the definitions of every name those
-    refer to. None when a root's definition cannot be found statically."""
-    latest: dict[str, tuple[int, ast.stmt, str]] = {}
-    for order, src in enumerate(sources):
-        code = strip_magics(src)
-        tree = safe_parse(code)
-        if tree is None:
-            continue
-        for k, stmt in enumerate(tree.body):
-            for name in _defined(stmt):
-                latest[name] = ((order, k), stmt, code)
-    if any(r not in latest for r in roots):
-        return None
-    seen, todo, picked = set(), list(roots), {}
-    while todo:
-        name = todo.pop()
-        if name in seen or name not in latest:
-            continue
-        seen.add(name)
-        key, stmt, code = latest[name]
-        picked[key] = ast.get_source_segment(code, stmt) or ""
-        todo += [n.id for n in ast.walk(stmt) if isinstance(n, ast.Name)]
-    return "\n\n".join(picked[k] for k in sorted(picked))
-
-
 def student_scope(nb, chapter: Chapter, exercise, upto: int) -> str:
     """What an exercise's forbidden-shortcut check reads: the code its API objects use, as the
     student's cells before the test cell define it (instructor cells included, since a student
@@ -138,7 +100,8 @@ def run_test(sandbox: Sandbox, chapter: Chapter, exercise, nb, base_ns: dict, in
     out = io.StringIO()
     try:
         for name in chapter.api:
-            ns[name] = make_proxy(session, name, scope) or _Missing(name)
+            proxy = make_proxy(session, name, scope)
+            ns[name] = _Missing(name) if proxy is None else proxy
         with contextlib.redirect_stdout(out):
             exec(compile(exercise.test_source, f"<test {exercise.test_id}>", "exec"), ns)  # noqa: S102
         return Verdict(exercise.test_id, True, out.getvalue() or "passed", time.monotonic() - start)
@@ -201,6 +164,7 @@ class _Grading:
         if not self.sandbox.alive:
             self.sandbox.restart()
         verdict = run_test(self.sandbox, self.chapter, exercise, self.nb, self.base_ns, index, self.deadline)
+        self.sandbox.stop_strays()
         verdict.message = clean_text(verdict.message, 10_000)
         self.report.verdicts.append(verdict)
         cell.outputs = self.outputs.stream(verdict.message.rstrip() + "\n") if verdict.passed else \
@@ -210,8 +174,12 @@ class _Grading:
             self.sandbox.restart()
 
     def student_cell(self, index: int, cell) -> None:
+        """Run a cell the student wrote or may have edited; a training cell (by the source
+        notebook's word, not the submission's) gets the chapter's training limit."""
         left = self.deadline - time.monotonic()
-        run = self.sandbox.run_cell(source(cell), timeout=min(self.sandbox.limits.cell_seconds, left))
+        training = meta(cell).get("grade_id") in self.chapter.training_ids
+        limit = self.chapter.training_seconds if training else self.sandbox.limits.cell_seconds
+        run = self.sandbox.run_cell(source(cell), timeout=min(limit, left))
         outputs = self.outputs.stream(run.stdout) + self.outputs.stream(run.stderr, "stderr")
         if run.status in ("timeout", "crashed"):
             self.report.events.append(f"cell {index}: {run.error}")

@@ -16,6 +16,7 @@ import types
 from functools import lru_cache
 from pathlib import Path
 
+from .course import SOLUTIONS, source_notebook
 from .notebook import is_imports, is_solution, read_cells, source, strip_magics
 
 #: Where the source notebooks live; the grader points this at its course's source directory.
@@ -23,8 +24,7 @@ ENV_VAR = "AFS_SOLUTIONS_DIR"
 
 
 def solutions_dir() -> Path:
-    default = Path(__file__).resolve().parent.parent / "solutions"
-    return Path(os.environ.get(ENV_VAR, default))
+    return Path(os.environ.get(ENV_VAR, SOLUTIONS))
 
 
 class ReferenceUnavailable(RuntimeError):
@@ -44,7 +44,7 @@ def _load(path: str, mtime: float) -> types.SimpleNamespace:
 
 def reference(chapter: str) -> types.SimpleNamespace:
     """The reference definitions of ``chapter`` (e.g. ``"ch01_attention"``) as attributes."""
-    path = solutions_dir() / chapter / f"{chapter}.ipynb"
+    path = source_notebook(chapter, solutions_dir())
     if not path.is_file():
         raise ReferenceUnavailable(
             f"The reference solutions are only available to the grader (no {path}).")

@@ -7,27 +7,19 @@ deterministic, so ``stale()`` can compare a fresh generation with what is commit
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 from traitlets.config import Config
 
-from .chapters import CHAPTERS
+# REPO and ensure_tools_on_path are imported from here by autograder/__main__.py.
+from .course import CHAPTERS, NOTEBOOKS, REPO, SOLUTIONS, ensure_tools_on_path, notebook_in
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def ensure_tools_on_path() -> None:
-    """nbgrader shells out to ``alembic``: make the running environment's scripts findable."""
-    bindir = str(Path(sys.executable).parent)
-    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+__all__ = ["REPO", "ensure_tools_on_path", "generate", "stale", "release"]
 
 
-def generate(out_dir: Path, chapters=CHAPTERS, solutions: Path = REPO / "solutions") -> None:
+def generate(out_dir: Path, chapters=CHAPTERS, solutions: Path = SOLUTIONS) -> None:
     """Write the student version of each chapter to ``out_dir/<chapter>/``."""
     from nbgrader.apps import NbGraderAPI
     from nbgrader.coursedir import CourseDirectory
@@ -46,8 +38,16 @@ def generate(out_dir: Path, chapters=CHAPTERS, solutions: Path = REPO / "solutio
                 raise RuntimeError(f"nbgrader could not release {chapter}:\n{result['log']}\n{result.get('error', '')}")
 
 
-def _normalised(path: Path) -> dict:
-    return json.loads(path.read_text())
+def _files(folder: Path) -> list[Path]:
+    return sorted(p.relative_to(folder.parent) for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Notebooks are equal when their JSON is (indentation and key order aside); other files byte
+    for byte."""
+    if a.suffix == ".ipynb":
+        return json.loads(a.read_text()) == json.loads(b.read_text())
+    return a.read_bytes() == b.read_bytes()
 
 
 def stale(chapters=CHAPTERS) -> list[str]:
@@ -56,11 +56,8 @@ def stale(chapters=CHAPTERS) -> list[str]:
         generate(Path(tmp), chapters)
         bad = []
         for chapter in chapters:
-            fresh = sorted(p.relative_to(tmp) for p in Path(tmp, chapter).rglob("*") if p.is_file())
-            have = sorted(p.relative_to(REPO / "notebooks") for p in (REPO / "notebooks" / chapter).rglob("*")
-                          if p.is_file()) if (REPO / "notebooks" / chapter).is_dir() else []
-            if fresh != have or any(_normalised(Path(tmp, f)) != _normalised(REPO / "notebooks" / f)
-                                    for f in fresh if f.suffix == ".ipynb"):
+            fresh = _files(Path(tmp, chapter))
+            if fresh != _files(NOTEBOOKS / chapter) or not all(_same(Path(tmp, f), NOTEBOOKS / f) for f in fresh):
                 bad.append(chapter)
         return bad
 
@@ -68,5 +65,5 @@ def stale(chapters=CHAPTERS) -> list[str]:
 def release(chapters=CHAPTERS) -> None:
     """Regenerate ``notebooks/`` in place."""
     for chapter in chapters:
-        shutil.rmtree(REPO / "notebooks" / chapter, ignore_errors=True)
-    generate(REPO / "notebooks", chapters)
+        shutil.rmtree(notebook_in(NOTEBOOKS, chapter).parent, ignore_errors=True)
+    generate(NOTEBOOKS, chapters)

@@ -1,5 +1,5 @@
 """Chapter 1's visible checks pass the reference and correct code written differently from it,
-and name each classic mistake (each as a small mutant)."""
+and name each classic mistake (each as a small mutant, asserted by its mistake id)."""
 from __future__ import annotations
 
 import math
@@ -11,10 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from autograder.checks.ch01 import check_attention, check_self_attention, check_softmax
-
-from conftest import fails_with  # noqa: E402
-
-FAST = settings(max_examples=25, deadline=None)
+from checking import FAST, failure, mistake_of
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +134,10 @@ def test_not_implemented_is_reported():
         def forward(self, x):
             raise NotImplementedError()
 
-    fails_with(check_softmax, todo, "NotImplementedError", "replace")
-    fails_with(check_attention, todo, "NotImplementedError", "replace")
-    fails_with(check_self_attention, Stub, "NotImplementedError", "replace")
-    fails_with(check_self_attention, StubForward, "NotImplementedError", "SelfAttention.forward")
+    for check, stub in ((check_softmax, todo), (check_attention, todo), (check_self_attention, Stub),
+                        (check_self_attention, StubForward)):
+        assert mistake_of(check, stub) == "not_implemented"
+    assert "SelfAttention.forward" in str(failure(check_self_attention, StubForward))
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,28 +210,32 @@ def via_item(x, dim=-1):
     return torch.tensor(_stable(x, dim).tolist(), dtype=x.dtype, device=x.device)
 
 
-@pytest.mark.parametrize("mutant, words", [
-    (wrong_axis, ["wrong axis", "`dim` argument"]),
-    (over_all_elements, ["over all elements"]),
-    (unnormalised, ["unnormalised exponentials"]),
-    (no_max_subtraction, ["overflows", "subtract the maximum"]),
-    (log_softmax_by_hand, ["log-softmax"]),
-    (returns_numpy, ["should be a torch.Tensor", "numpy.ndarray"]),
-    (returns_list, ["should be a torch.Tensor", "list"]),
-    (always_float32, ["dtype torch.float32", "expected torch.float64"]),
-    (detached, ["Gradients do not flow"]),
-    (via_item, ["Gradients do not flow"]),
-    (subtracts_max_abs, ["NaN", "-inf", "row maximum"]),
-    (epsilon_everywhere, ["-inf must get weight exactly 0"]),
+@pytest.mark.parametrize("mutant, mistake", [
+    (wrong_axis, "softmax_wrong_axis"),
+    (over_all_elements, "softmax_over_all_elements"),
+    (unnormalised, "unnormalised"),
+    (no_max_subtraction, "overflow"),
+    (log_softmax_by_hand, "log_softmax"),
+    (returns_numpy, "not_a_tensor"),
+    (returns_list, "not_a_tensor"),
+    (always_float32, "wrong_dtype"),
+    (detached, "no_gradient"),
+    (via_item, "no_gradient"),
+    (subtracts_max_abs, "nan_with_minus_inf"),
+    (epsilon_everywhere, "minus_inf_weight_not_zero"),
 ])
-def test_softmax_mutants(mutant, words):
-    fails_with(check_softmax, mutant, *words)
+def test_softmax_mutants(mutant, mistake):
+    assert mistake_of(check_softmax, mutant) == mistake
+
+
+def test_softmax_wrong_axis_names_both_axes():
+    assert "sum to 1 along dim 0, not along dim -1" in str(failure(check_softmax, wrong_axis))
 
 
 def test_softmax_subtracting_the_mean_is_told_to_subtract_the_maximum():
     """The mean is no bound on the logits: it overflows at ±1e4 (and gives NaN with -inf
     entries); either way the message names the fix."""
-    fails_with(check_softmax, subtracts_mean, "NaN", "subtract", "maximum")
+    assert mistake_of(check_softmax, subtracts_mean) == "overflow"
     assert torch.isnan(subtracts_mean(torch.tensor([[0.0, float("-inf"), 1.0]]))).any()
 
 
@@ -277,8 +278,8 @@ def module_softmax(x, dim=-1):
     (module_softmax, "Softmax"),
 ])
 def test_softmax_shortcuts_are_forbidden(mutant, name):
-    message = fails_with(check_softmax, mutant, f"without `{name}`", "uses it here", "torch.exp")
-    assert message.startswith("softmax must be written")
+    error = failure(check_softmax, mutant)
+    assert error.mistake == f"forbidden:{name}" and "torch.exp" in str(error)
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,33 +336,9 @@ def uses_pytorch_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v), w
 
 
-@pytest.mark.parametrize("mutant, words", [
-    (no_scaling, ["no scaling", "√d_k"]),
-    (scaled_by_d_k, ["scaled by d_k instead of √d_k"]),
-    (scaled_after_softmax, ["after the softmax"]),
-    (softmax_over_queries, ["dim -2", "wrong axis"]),
-    (multiplied_by_sqrt, ["multiplied by √d_k"]),
-    (output_scaled, ["scale the output instead of the logits"]),
-    (output_only, ["tuple (output, weights)", "Tensor"]),
-    (returns_a_list, ["tuple (output, weights)", "list"]),
-    (attention_detached, ["Gradients do not flow"]),
-    (uses_pytorch_attention, ["without `scaled_dot_product_attention`", "uses it here"]),
-])
-def test_attention_mutants(mutant, words):
-    fails_with(check_attention, mutant, *words)
-
-
 def output_uses_k(q, k, v):
     w = softmax_lse(_logits(q, k) / math.sqrt(q.shape[-1]))
     return w @ k, w
-
-
-def test_attention_output_with_k_instead_of_v_fails():
-    fails_with(check_attention, output_uses_k, "output")
-
-
-def test_attention_output_with_k_instead_of_v_is_named():
-    fails_with(check_attention, output_uses_k, "weights @ v")
 
 
 def attention_always_float32(q, k, v):
@@ -369,8 +346,29 @@ def attention_always_float32(q, k, v):
     return out, w
 
 
-def test_attention_losing_float64_names_the_dtype():
-    fails_with(check_attention, attention_always_float32, "dtype")
+@pytest.mark.parametrize("mutant, mistake", [
+    (no_scaling, "no_scaling"),
+    (scaled_by_d_k, "scaled_by_d_k"),
+    (scaled_after_softmax, "scaled_after_softmax"),
+    (softmax_over_queries, "softmax_over_queries"),
+    (multiplied_by_sqrt, "multiplied_by_sqrt_d_k"),
+    (output_scaled, "output_scaled"),
+    (output_only, "not_a_tuple"),
+    (returns_a_list, "not_a_tuple"),
+    (attention_detached, "no_gradient"),
+    (uses_pytorch_attention, "forbidden:scaled_dot_product_attention"),
+    (output_uses_k, "output_width_of_keys"),
+    (attention_always_float32, "wrong_dtype"),
+])
+def test_attention_mutants(mutant, mistake):
+    assert mistake_of(check_attention, mutant) == mistake
+
+
+def test_attention_output_times_k_is_named_when_the_widths_agree():
+    """With d_v = d_k the shapes cannot tell weights @ k from weights @ v; the values do."""
+    def output_uses_k_same_width(q, k, v):
+        return output_uses_k(q, k, v) if v.shape[-1] == k.shape[-1] else attention_einsum(q, k, v)
+    assert mistake_of(check_attention, output_uses_k_same_width) == "output_times_k"
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,31 +462,6 @@ class Unscaled(SelfAttentionEinsum):
         return no_scaling(q, k, v)
 
 
-@pytest.mark.parametrize("cls, words", [
-    (WrongNames, ["parameters should be exactly", "q_proj", "W_q.weight"]),
-    (WithBias, ["parameters should be exactly", "bias=False", "q_proj.bias"]),
-    (RawParameters, ["parameters should be exactly", "nn.Linear"]),
-    (InOutSwapped, ["has shape (12, 8), expected (8, 12)", "(out, in)"]),
-    (KeysFromQProj, ["keys seem to be computed with q_proj", "use k_proj"]),
-    (ValuesNotProjected, ["does not use v_proj"]),
-    (NotAModule, ["torch.nn.Module"]),
-    (NoSuperInit, ["raised AttributeError", "before Module.__init__() call"]),
-    (OutputOnly, ["tuple (output, weights)"]),
-    (DetachedOutput, ["Gradients do not flow"]),
-    (Unscaled, ["SelfAttention output", "differs"]),
-])
-def test_self_attention_mutants(cls, words):
-    fails_with(check_self_attention, cls, *words)
-
-
-def test_self_attention_with_q_and_k_swapped_fails():
-    fails_with(check_self_attention, SwappedQK, "SelfAttention output")
-
-
-def test_self_attention_with_q_and_k_swapped_is_named():
-    fails_with(check_self_attention, SwappedQK, "q_proj", "k_proj")
-
-
 class LogitsAsWeights(SelfAttentionEinsum):
     def forward(self, x):
         q, k, v = self.projections(x)
@@ -496,8 +469,36 @@ class LogitsAsWeights(SelfAttentionEinsum):
         return out, q @ k.transpose(-2, -1)
 
 
-def test_self_attention_wrong_weights_fail():
-    fails_with(check_self_attention, LogitsAsWeights, "weights")
+class ScoresAsWeights(SelfAttentionEinsum):
+    def forward(self, x):
+        q, k, v = self.projections(x)
+        out, _ = attention_einsum(q, k, v)
+        return out, q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+
+
+@pytest.mark.parametrize("cls, mistake", [
+    (WrongNames, "wrong_parameters"),
+    (WithBias, "wrong_parameters"),
+    (RawParameters, "wrong_parameters"),
+    (InOutSwapped, "wrong_parameter_shape"),
+    (KeysFromQProj, "keys_from_q_proj"),
+    (ValuesNotProjected, "values_not_projected"),
+    (SwappedQK, "q_k_swapped"),
+    (NotAModule, "not_a_module"),
+    (NoSuperInit, "raised"),
+    (OutputOnly, "not_a_tuple"),
+    (DetachedOutput, "no_gradient"),
+    (Unscaled, "values_differ"),
+    (LogitsAsWeights, "values_differ"),
+    (ScoresAsWeights, "raw_scores_as_weights"),
+])
+def test_self_attention_mutants(cls, mistake):
+    assert mistake_of(check_self_attention, cls) == mistake
+
+
+def test_self_attention_parameter_messages_name_what_was_found():
+    assert "W_q.weight" in str(failure(check_self_attention, WrongNames))
+    assert "(out, in)" in str(failure(check_self_attention, InOutSwapped))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Chapter 2's checks pass correct code written differently from the reference and name the
-mistakes they are meant to catch (each as a small mutant)."""
+mistakes they are meant to catch (each as a small mutant, asserted by its mistake id); the shared
+mask helpers (autograder.checks.masks) agree with PyTorch."""
 from __future__ import annotations
 
 import math
@@ -7,14 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
-from autograder.checks import ch02
+from autograder.checks import masks
 from autograder.checks.ch02 import check_causal_mask, check_masked_attention, check_padding_mask
-
-from conftest import fails_with  # noqa: E402
-
-FAST = settings(max_examples=25, deadline=None)
+from checking import FAST, mistake_of
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,7 +65,7 @@ def test_not_implemented_is_reported():
     def todo(*args, **kwargs):
         raise NotImplementedError()
     for check in (check_causal_mask, check_padding_mask, check_masked_attention):
-        fails_with(check, todo, "NotImplementedError")
+        assert mistake_of(check, todo) == "not_implemented"
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,28 +76,29 @@ def _ones(n, device):
     return torch.ones(n, n, dtype=torch.bool, device=device)
 
 
-@pytest.mark.parametrize("mutant, words", [
-    (lambda n, device=None: torch.triu(_ones(n, device), diagonal=1), ["inverted"]),
-    (lambda n, device=None: torch.triu(_ones(n, device)), ["upper triangle"]),
-    (lambda n, device=None: torch.tril(_ones(n, device), diagonal=-1), ["diagonal is excluded"]),
-    (lambda n, device=None: _ones(n, device), ["blocks nothing"]),
-    (lambda n, device=None: torch.tril(torch.ones(n, n, device=device)), ["dtype", "torch.bool"]),
-    (lambda n, device=None: torch.tril(_ones(n, device))[None], ["shape"]),
+@pytest.mark.parametrize("mutant, mistake", [
+    (lambda n, device=None: torch.triu(_ones(n, device), diagonal=1), "causal_inverted"),
+    (lambda n, device=None: torch.triu(_ones(n, device)), "causal_upper_triangle"),
+    (lambda n, device=None: torch.tril(_ones(n, device), diagonal=-1), "causal_without_diagonal"),
+    (lambda n, device=None: _ones(n, device), "causal_blocks_nothing"),
+    (lambda n, device=None: torch.tril(torch.ones(n, n, device=device)), "mask_not_bool"),
+    (lambda n, device=None: torch.tril(_ones(n, device))[None], "wrong_shape"),
+    (lambda n, device=None: torch.eye(n, dtype=torch.bool, device=device), "values_differ"),
 ])
-def test_causal_mask_mutants(mutant, words):
-    fails_with(check_causal_mask, mutant, *words)
+def test_causal_mask_mutants(mutant, mistake):
+    assert mistake_of(check_causal_mask, mutant) == mistake
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to see a mask on the wrong device")
-def test_causal_mask_ignoring_its_device_fails():
-    fails_with(check_causal_mask, lambda n, device=None: torch.tril(_ones(n, None)), "requested device")
+needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                   reason="needs CUDA to see a mask on the wrong device")]
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to see a mask on the wrong device")
-def test_padding_mask_ignoring_the_device_of_lengths_fails():
-    fails_with(check_padding_mask, lambda lengths, max_len: padding_mask(lengths.cpu(), max_len), "cpu")
+@pytest.mark.parametrize("check, mutant", [
+    pytest.param(check_causal_mask, lambda n, device=None: torch.tril(_ones(n, None)), marks=needs_cuda),
+    pytest.param(check_padding_mask, lambda lengths, max_len: padding_mask(lengths.cpu(), max_len), marks=needs_cuda),
+])
+def test_a_mask_ignoring_the_requested_device_fails(check, mutant):
+    assert mistake_of(check, mutant) == "wrong_device"
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,19 +109,21 @@ def _positions(lengths, max_len):
     return torch.arange(max_len, device=lengths.device), lengths[:, None]
 
 
-@pytest.mark.parametrize("mutant, words", [
-    (lambda lengths, max_len: ~padding_mask(lengths, max_len), ["inverted"]),
-    (lambda lengths, max_len: padding_mask(lengths, max_len)[:, 0], ["(B, 1, max_len)", "broadcast"]),
-    (lambda lengths, max_len: padding_mask(lengths, max_len).transpose(1, 2), ["block queries"]),
-    (lambda lengths, max_len: (lambda p, n: (p <= n)[:, None])(*_positions(lengths, max_len)), ["off by one"]),
-    (lambda lengths, max_len: (lambda p, n: (p < n - 1)[:, None])(*_positions(lengths, max_len)), ["off by one"]),
+@pytest.mark.parametrize("mutant, mistake", [
+    (lambda lengths, max_len: ~padding_mask(lengths, max_len), "padding_inverted"),
+    (lambda lengths, max_len: padding_mask(lengths, max_len)[:, 0], "padding_without_query_axis"),
+    (lambda lengths, max_len: padding_mask(lengths, max_len).transpose(1, 2), "padding_blocks_queries"),
+    (lambda lengths, max_len: (lambda p, n: (p <= n)[:, None])(*_positions(lengths, max_len)),
+     "padding_one_too_many"),
+    (lambda lengths, max_len: (lambda p, n: (p < n - 1)[:, None])(*_positions(lengths, max_len)),
+     "padding_one_too_few"),
     (lambda lengths, max_len: (lambda p, n: (p >= max_len - n)[:, None])(*_positions(lengths, max_len)),
-     ["padding is at the start"]),
-    (lambda lengths, max_len: padding_mask(lengths, max_len).float(), ["dtype", "torch.bool"]),
-    (lambda lengths, max_len: padding_mask(lengths, max_len).long(), ["dtype", "torch.bool"]),
+     "padding_at_start"),
+    (lambda lengths, max_len: padding_mask(lengths, max_len).float(), "mask_not_bool"),
+    (lambda lengths, max_len: padding_mask(lengths, max_len).long(), "mask_not_bool"),
 ])
-def test_padding_mask_mutants(mutant, words):
-    fails_with(check_padding_mask, mutant, *words)
+def test_padding_mask_mutants(mutant, mistake):
+    assert mistake_of(check_padding_mask, mutant) == mistake
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,43 +225,47 @@ def wrong_dtype(q, k, v, mask=None):
     return out.float(), w.float()
 
 
+def transposed(q, k, v, mask=None):
+    return safe(q, k, v, None if mask is None else mask.transpose(-2, -1))
 
 
-@pytest.mark.parametrize("mutant, words", [
-    (inverted, ["inverted"]),
-    (ignores_mask, ["no effect"]),
-    (zeroed_after_softmax, ["AFTER the softmax", "sum to 1"]),
-    (renormalised_nan, ["0 * -inf or softmax of an all -inf row"]),
-    (renormalised_eps, ["huge logit", "BEFORE the softmax"]),
-    (large_negative_fill, ["no key", "all-zero weights", "large negative number"]),
-    (large_negative_added, ["no key", "large"]),
-    (naive_minus_inf, ["Make sure you aren't computing 0 * -inf or softmax of an all -inf row"]),
-    (nan_to_num_afterwards, ["gradient", "NaN", "nan_to_num"]),
-    (uses_pytorch, ["without `scaled_dot_product_attention`"]),
-    (output_only, ["tuple (output, weights)"]),
-    (no_scaling, ["no scaling"]),
-    (detached, ["Gradients do not flow"]),
-    (wrong_dtype, ["dtype"]),
+def peeks(q, k, v, mask=None):
+    """Right on every fixed input, but the last key leaks into every query's output."""
+    out, w = safe(q, k, v, mask)
+    if mask is None or q.dim() != 3 or q.shape[-2] != 7:
+        return out, w
+    return out + 1e-3 * v[..., -1:, :].sum(-1, keepdim=True), w
+
+
+@pytest.mark.parametrize("mutant, mistake", [
+    (inverted, "mask_inverted"),
+    (ignores_mask, "mask_ignored"),
+    (zeroed_after_softmax, "mask_after_softmax"),
+    (renormalised_nan, "nan_in_empty_rows"),
+    (renormalised_eps, "huge_blocked_logit_took_the_mass"),
+    (large_negative_fill, "empty_row_weights_not_zero"),
+    (large_negative_added, "empty_row_weights_not_zero"),
+    (naive_minus_inf, "nan_in_empty_rows"),
+    (nan_to_num_afterwards, "nan_in_gradient"),
+    (uses_pytorch, "forbidden:scaled_dot_product_attention"),
+    (output_only, "not_a_tuple"),
+    (no_scaling, "no_scaling"),
+    (detached, "no_gradient"),
+    (wrong_dtype, "wrong_dtype"),
+    (transposed, "mask_transposed"),
+    (peeks, "peeks_at_the_future"),
 ])
-def test_masked_attention_mutants(mutant, words):
-    fails_with(check_masked_attention, mutant, *words)
-
-
-def test_masked_attention_mask_on_wrong_axis_fails():
-    def transposed(q, k, v, mask=None):
-        if mask is not None:
-            mask = mask.transpose(-2, -1)
-        return safe(q, k, v, mask)
-    fails_with(check_masked_attention, transposed, "transposed")
+def test_masked_attention_mutants(mutant, mistake):
+    assert mistake_of(check_masked_attention, mutant) == mistake
 
 
 def test_the_checks_expected_values_agree_with_pytorch():
-    """ch02's expected values (SDPA + masked softmax) agree with an independent computation."""
+    """The expected values (SDPA + masked softmax) agree with an independent computation."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64) for _ in range(3))
     mask = torch.rand(2, 1, 4, 4, generator=g) < 0.5
     mask[0, 0, 1] = False
-    out, w = ch02._expected(q, k, v, mask)
+    out, w = masks.attention(q, k, v, mask)
     want_out, want_w = attention(q, k, v, mask)
     torch.testing.assert_close(out, want_out)
     torch.testing.assert_close(w, want_w)
@@ -298,7 +303,7 @@ def test_padding_masks_for_random_lengths(lengths, extra):
     # Padded keys get exactly zero weight; sequences with a real token have rows summing to 1.
     g = torch.Generator().manual_seed(sum(lengths) + extra)
     q, k, v = (torch.randn(len(lengths), 3, max_len, 4, generator=g) for _ in range(3))
-    out, w = ch02._expected(q, k, v, m[:, None])
+    out, w = masks.attention(q, k, v, m[:, None])
     assert torch.isfinite(out).all() and torch.isfinite(w).all()
     assert (w.masked_select(~m[:, None].expand(w.shape)) == 0).all()
     sums = w.sum(-1)
@@ -318,5 +323,26 @@ def test_random_masks_with_empty_rows_match_pytorch(seed, lq, lk):
     out, w = attention(q, k, v, mask)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(out, sdpa.nan_to_num(0.0))
-    torch.testing.assert_close(ch02._expected(q, k, v, mask)[0], out)
+    torch.testing.assert_close(masks.attention(q, k, v, mask)[0], out)
     assert (w[~mask.any(-1)] == 0).all()
+
+
+@FAST
+@given(lengths=st.lists(st.integers(0, 8), min_size=1, max_size=5), extra=st.integers(0, 3))
+def test_mask_builders_agree_with_the_correct_implementations(lengths, extra):
+    n = max(lengths) + extra
+    assert torch.equal(masks.causal(n), causal_mask(n))
+    assert torch.equal(masks.padding(lengths, n), padding_mask(torch.tensor(lengths), n))
+    assert torch.equal(masks.padding(torch.tensor(lengths, dtype=torch.int32), n), masks.padding(lengths, n))
+
+
+def test_masked_softmax_zeroes_rows_that_see_nothing_and_keeps_gradients_finite():
+    logits = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    mask = masks.causal(4)[:3].clone()
+    mask[1] = False
+    w = masks.masked_softmax(logits, mask)
+    assert (w[:, 1] == 0).all() and torch.allclose(w[:, [0, 2]].sum(-1), torch.ones(2, 2, dtype=torch.float64))
+    w.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert torch.equal(masks.masked_softmax(logits, None), torch.softmax(logits, -1))
+    assert torch.isnan(masks.masked_softmax(logits, mask, zero_empty_rows=False)[:, 1]).all()

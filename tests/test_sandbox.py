@@ -202,6 +202,13 @@ class TestLimitsOverTheWholeSubmission:
         run = small_sandbox.run_cell("open('/tmp/big', 'wb').write(b'0' * (100 * 2**20))")
         assert run.status in ("error", "crashed") and ("No space" in (run.error or "") or "files" in run.error)
 
+    def test_nothing_a_cell_starts_outlives_it(self, small_sandbox):
+        run = small_sandbox.run_cell("import os, time\nfor i in range(5):\n    if os.fork() == 0:\n"
+                                     "        os.setsid()\n        time.sleep(60)\n        os._exit(0)")
+        assert run.status == "ok"
+        run = small_sandbox.run_cell("import os\nprint(len([p for p in os.listdir('/proc') if p.isdigit()]))")
+        assert int(run.stdout) <= 3, run.stdout      # bubblewrap's init, the runner (and ls's own)
+
     def test_keyboard_interrupt_is_the_students_error_not_a_timeout(self, sandbox):
         run = sandbox.run_cell("raise KeyboardInterrupt")
         assert run.status == "error" and "KeyboardInterrupt" in run.error

@@ -86,6 +86,15 @@ def _signal_name(sig: int) -> str:
     return f"{name} ({meaning})" if meaning else name
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] != b"Z"
+
+
 def bwrap_available() -> bool:
     return shutil.which("bwrap") is not None
 
@@ -210,6 +219,7 @@ class Sandbox:
         self.watchdog.start()
         try:
             self.request({"op": "lookup", "name": "__name__"}, timeout=self.limits.startup_seconds)
+            self._own = set(descendants(self.proc.pid))   # bubblewrap's init and the runner
         except SandboxFailure as exc:
             log = (self._scratch / f"stderr{self.restarts}.log").read_text(errors="replace")[-2000:]
             self.kill()
@@ -223,6 +233,23 @@ class Sandbox:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+    def stop_strays(self) -> int:
+        """Kill every process a cell or call left running (forked children, daemons): nothing
+        a student starts outlives the cell that started it. Returns how many still had not died."""
+        if not self.alive:
+            return 0
+        strays = [pid for pid in descendants(self.proc.pid) if pid not in getattr(self, "_own", ())]
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 1.0   # until they are dead (zombies the runner will collect)
+        while strays and time.monotonic() < deadline:
+            strays = [pid for pid in strays if _alive(pid)]
+            time.sleep(0.01)
+        return len(strays)
 
     def _reap(self) -> None:
         self.kill()
@@ -339,6 +366,7 @@ class Sandbox:
             return CellRun("crashed", error=str(exc))
         out, err = self.text(reply, "stdout"), self.text(reply, "stderr")
         over = self.watchdog.enforce()   # what a cell leaves behind counts too (and is not replayed)
+        self.stop_strays()
         if over:
             return CellRun("crashed", out, err, f"the student's process was stopped because {over}")
         if not reply["ok"] or reply.get("error") is not None:
