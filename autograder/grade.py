@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import nbformat
 from .checks.core import CheckFailure
 from .checks.scan import used_code
 from .notebook import Chapter, meta, source, strip_magics
-from .reference import ENV_VAR
+from .reference import solutions_at
 from .sandbox.process import Limits, Sandbox, SandboxUnavailable
 from .sandbox.proxy import OutOfTime, Session, StudentError, make_proxy
 from .sandbox.wire import clean_text
@@ -206,12 +205,10 @@ def grade_notebook(nb, chapter: Chapter, *, solutions_dir: Path, limits: Limits 
     raises: whatever breaks, every test cell of the chapter gets a verdict."""
     t0 = time.monotonic()
     report = Report()
-    old_env = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = str(solutions_dir)
     index = 0
     grading = None
     try:
-        with Sandbox(limits, data_files) as sandbox:
+        with solutions_at(solutions_dir), Sandbox(limits, data_files) as sandbox:
             grading = _Grading(nb, chapter, sandbox, budget_seconds)
             report = grading.report
             for index, cell in enumerate(nb.cells):
@@ -230,11 +227,6 @@ def grade_notebook(nb, chapter: Chapter, *, solutions_dir: Path, limits: Limits 
             grading.fail_remaining(index, why)
         else:
             _fail_all(nb, chapter, report, why)
-    finally:
-        if old_env is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old_env
     graded = {v.grade_id for v in report.verdicts}
     for ex in chapter.exercises:
         if ex.test_id not in graded:   # a test cell the submission lost: nbgrader re-adds it; say so

@@ -11,7 +11,8 @@ rather than keep a second copy.
 """
 from __future__ import annotations
 
-import os
+import contextlib
+import contextvars
 import types
 from functools import lru_cache
 from pathlib import Path
@@ -19,12 +20,24 @@ from pathlib import Path
 from .course import SOLUTIONS, source_notebook
 from .notebook import is_imports, is_solution, read_cells, source, strip_magics
 
-#: Where the source notebooks live; the grader points this at its course's source directory.
-ENV_VAR = "AFS_SOLUTIONS_DIR"
+#: Where the source notebooks live while a notebook is graded (the course's source directory);
+#: the repository's solutions/ otherwise. A context variable, set by the grader around its test
+#: cells: no environment variable a subprocess could inherit, no global left behind.
+_SOLUTIONS: contextvars.ContextVar[Path | None] = contextvars.ContextVar("afs_solutions", default=None)
 
 
 def solutions_dir() -> Path:
-    return Path(os.environ.get(ENV_VAR, SOLUTIONS))
+    return _SOLUTIONS.get() or SOLUTIONS
+
+
+@contextlib.contextmanager
+def solutions_at(path: str | Path):
+    """Hidden tests run inside this take the reference from ``path``."""
+    token = _SOLUTIONS.set(Path(path))
+    try:
+        yield
+    finally:
+        _SOLUTIONS.reset(token)
 
 
 class ReferenceUnavailable(RuntimeError):

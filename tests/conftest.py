@@ -62,7 +62,8 @@ def grade(course: Path, assignment: str) -> subprocess.CompletedProcess:
 
 
 def scores(course: Path, assignment: str) -> dict[str, dict[str, float]]:
-    """student -> {grade_id: score} from the course's gradebook."""
+    """student -> {grade_id: score} of the autograded (code) test cells, from the gradebook;
+    written questions are graded by hand and are not in it."""
     from nbgrader.api import Gradebook
 
     out: dict[str, dict[str, float]] = {}
@@ -70,7 +71,8 @@ def scores(course: Path, assignment: str) -> dict[str, dict[str, float]]:
         for sub in gb.assignment_submissions(assignment):
             for nb in sub.notebooks:
                 for g in nb.grades:
-                    out.setdefault(sub.student.id, {})[g.name] = g.score
+                    if g.cell.cell_type == "code":
+                        out.setdefault(sub.student.id, {})[g.name] = g.score
     return out
 
 
