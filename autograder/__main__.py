@@ -2,8 +2,9 @@
 
   release            regenerate notebooks/ from solutions/ (nbgrader generate_assignment)
   check              fail if notebooks/ is stale or anything students see leaks a solution line
-  book               check, execute the chapters with the reference, build the book (-W);
-                     --offline-math to view it without internet (needs libjs-mathjax)
+  book               check, execute the chapters with the reference, build the book (-W) into
+                     _build/html; --edition solutions builds the solutions edition into
+                     _build/solutions/html; --repository-url URL adds launch buttons
   grade ASSIGNMENT   autograde every submission in submitted/, write feedback and grades.csv
 """
 from __future__ import annotations
@@ -111,8 +112,12 @@ def main(argv=None) -> int:
     sub.add_parser("release")
     sub.add_parser("check")
     b = sub.add_parser("book")
-    b.add_argument("--offline-math", action="store_true",
-                   help="serve MathJax from Debian's libjs-mathjax (for viewing without internet)")
+    b.add_argument("--edition", choices=["student", "solutions"], default="student",
+                   help="student (default): no solutions; solutions: the reference in every answer "
+                        "cell and a banner on every page (publish after the deadline)")
+    b.add_argument("--repository-url", default=None,
+                   help="GitHub URL of this repository: adds repository and launch (Binder, Colab) "
+                        "buttons (default: $AFS_REPOSITORY_URL, else none)")
     g = sub.add_parser("grade")
     g.add_argument("assignment")
     g.add_argument("--course", type=Path, default=REPO, help="course root with submitted/ (default: the repo)")
@@ -129,7 +134,7 @@ def main(argv=None) -> int:
         if _check():
             return 1
         from .book import build
-        html = build(offline_math=args.offline_math)
+        html = build(edition=args.edition, repository_url=args.repository_url)
         print(f"Book built: open {html / 'index.html'}")
         return 0
     if args.command == "grade":

@@ -271,12 +271,16 @@ def rebuild(data: dict, release) -> tuple[nbformat.NotebookNode, list[str]]:
     return nb, notes + repair_structure(nb, release)
 
 
-def _recognise(nb, ref, names_of: dict) -> list:
+def _recognise(nb, ref, names_of: dict, before: str | None = None) -> list:
     """Cells without nbgrader metadata that are ``ref`` stripped of it: an answer defines the
-    same names, a locked cell has the same source. ``names_of`` caches each cell's parse."""
+    same names, a locked cell has the same source, a written answer (markdown) is the cell right
+    after its question (``before``: the release's preceding cell). ``names_of`` caches parses."""
     plain = [c for c in nb.cells if "nbgrader" not in c.metadata and c.cell_type == ref.cell_type]
     if not meta(ref).get("solution"):
         return [c for c in plain if source(c).strip() == source(ref).strip()]
+    if ref.cell_type == "markdown":
+        after = [i + 1 for i, c in enumerate(nb.cells[:-1]) if before is not None and source(c).strip() == before]
+        return [nb.cells[i] for i in after if nb.cells[i] in plain]
     names = set(defined_names(source(ref)))
     for c in plain:
         if id(c) not in names_of:
@@ -299,8 +303,10 @@ def repair_structure(nb, release) -> list[str]:
             seen.add(g)
     # 2. Recognise cells whose metadata was stripped.
     names_of: dict = {}
+    previous = {meta(c).get("grade_id"): source(release.cells[i - 1]).strip()
+                for i, c in enumerate(release.cells) if i and meta(c).get("grade_id")}
     for g, ref in known.items():
-        match = [] if g in seen else _recognise(nb, ref, names_of)
+        match = [] if g in seen else _recognise(nb, ref, names_of, previous.get(g))
         if match:
             match[-1].metadata["nbgrader"] = copy.deepcopy(ref.metadata.nbgrader)
             seen.add(g)

@@ -3,6 +3,7 @@ and name each classic mistake (each as a small mutant, asserted by its mistake i
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from autograder.checks.ch01 import check_attention, check_self_attention, check_softmax
+from autograder.checks.ch01 import (ExerciseNotDone, check_attention, check_self_attention, check_softmax,
+                                    needs_exercise)
 from checking import FAST, failure, mistake_of
 
 
@@ -44,6 +46,18 @@ def attention_einsum(q, k, v):
     q = q * q.shape[-1] ** -0.5
     w = softmax_lse(torch.einsum("...qd,...kd->...qk", q, k), dim=-1)
     return torch.einsum("...qk,...kd->...qd", w, v), w
+
+
+def softmax_detached_max(x, dim=-1):
+    """Detaching the maximum is valid: the shift does not change the result, so no gradient is lost."""
+    e = torch.exp(x - x.amax(dim=dim, keepdim=True).detach())
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def attention_float32_constant(q, k, v):
+    """√d_k as a float32 tensor (a common idiom), also for float64 inputs: a 1e-8 rounding, not a mistake."""
+    w = softmax_lse(q @ k.transpose(-2, -1) / torch.sqrt(torch.tensor(q.shape[-1])), dim=-1)
+    return w @ v, w
 
 
 def attention_split_scale(q, k, v):
@@ -91,19 +105,24 @@ def test_the_reference_passes(ref, capsys):
     assert "SelfAttention: all" in out
 
 
-@pytest.mark.parametrize("fn", [softmax_lse, softmax_moved])
+@pytest.mark.parametrize("fn", [softmax_lse, softmax_moved, softmax_detached_max])
 def test_correct_softmax_passes(fn, capsys):
     check_softmax(fn)
     assert "softmax: all" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("fn", [attention_einsum, attention_split_scale])
+@pytest.mark.parametrize("fn", [attention_einsum, attention_split_scale, attention_float32_constant])
 def test_correct_attention_passes(fn, capsys):
     check_attention(fn)
     assert "scaled_dot_product_attention: all" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("cls", [SelfAttentionEinsum, SelfAttentionFused])
+class SelfAttentionFloat32Constant(SelfAttentionEinsum):
+    def forward(self, x):
+        return attention_float32_constant(*self.projections(x))
+
+
+@pytest.mark.parametrize("cls", [SelfAttentionEinsum, SelfAttentionFused, SelfAttentionFloat32Constant])
 def test_correct_self_attention_passes(cls, capsys):
     check_self_attention(cls)
     assert "SelfAttention: all" in capsys.readouterr().out
@@ -179,6 +198,26 @@ def subtracts_max_abs(x, dim=-1):
     return e / e.sum(dim=dim, keepdim=True)
 
 
+def subtracts_global_max(x, dim=-1):
+    """One maximum for the whole tensor: fine while all rows have similar logits."""
+    e = torch.exp(x - x.max())
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def shifted_not_normalised(x, dim=-1):
+    return torch.exp(x - x.amax(dim=dim, keepdim=True))
+
+
+def max_named_tuple(x, dim=-1):
+    e = torch.exp(x - x.max(dim, keepdim=True))
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def max_named_tuple_via_torch_sub(x, dim=-1):
+    e = torch.exp(torch.sub(x, torch.max(x, dim=dim, keepdim=True)))
+    return e / e.sum(dim=dim, keepdim=True)
+
+
 def epsilon_everywhere(x, dim=-1):
     e = torch.exp(x - x.amax(dim=dim, keepdim=True)) + 1e-12
     return e / e.sum(dim=dim, keepdim=True)
@@ -223,9 +262,26 @@ def via_item(x, dim=-1):
     (via_item, "no_gradient"),
     (subtracts_max_abs, "nan_with_minus_inf"),
     (epsilon_everywhere, "minus_inf_weight_not_zero"),
+    (subtracts_global_max, "global_max_subtracted"),
+    (shifted_not_normalised, "shifted_exp_not_normalised"),
+    (max_named_tuple, "max_returns_values_and_indices"),
+    (max_named_tuple_via_torch_sub, "max_returns_values_and_indices"),
 ])
 def test_softmax_mutants(mutant, mistake):
     assert mistake_of(check_softmax, mutant) == mistake
+
+
+def test_global_max_passes_ordinary_inputs_and_fails_rows_of_different_scales():
+    """The mutant the hidden tests used to be the first to catch: it agrees with softmax on the
+    ordinary inputs, and gives NaN only when one row's logits are far above another's."""
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(subtracts_global_max(x), torch.softmax(x, -1))
+    assert "NaN" in str(failure(check_softmax, subtracts_global_max))
+
+
+def test_max_named_tuple_message_keeps_the_error():
+    text = str(failure(check_softmax, max_named_tuple))
+    assert "return_types.max" in text and ".values" in text
 
 
 def test_softmax_wrong_axis_names_both_axes():
@@ -346,8 +402,28 @@ def attention_always_float32(q, k, v):
     return out, w
 
 
+def k_dot_T(q, k, v):
+    with warnings.catch_warnings():      # PyTorch warns that .T on a batch is deprecated
+        warnings.simplefilter("ignore")
+        w = softmax_lse(q @ k.T / math.sqrt(q.shape[-1]))
+    return w @ v, w
+
+
+def k_dot_t(q, k, v):
+    w = softmax_lse(torch.matmul(q, k.t()) / math.sqrt(q.shape[-1]))
+    return w @ v, w
+
+
+def weights_then_output(q, k, v):
+    out, w = attention_einsum(q, k, v)
+    return w, out
+
+
 @pytest.mark.parametrize("mutant, mistake", [
     (no_scaling, "no_scaling"),
+    (k_dot_T, "k_transposed_all_dims"),
+    (k_dot_t, "k_transposed_all_dims"),
+    (weights_then_output, "outputs_swapped"),
     (scaled_by_d_k, "scaled_by_d_k"),
     (scaled_after_softmax, "scaled_after_softmax"),
     (softmax_over_queries, "softmax_over_queries"),
@@ -362,6 +438,19 @@ def attention_always_float32(q, k, v):
 ])
 def test_attention_mutants(mutant, mistake):
     assert mistake_of(check_attention, mutant) == mistake
+
+
+def test_k_dot_T_works_without_a_batch_dimension():
+    """So the check must name it from the batched case, where it raises."""
+    q, k, v = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6, 3)
+    torch.testing.assert_close(k_dot_T(q, k, v)[0], attention_einsum(q, k, v)[0])
+    assert "swap only its last two dimensions" in str(failure(check_attention, k_dot_T))
+
+
+def test_float32_constant_differs_from_float64_by_a_rounding_error_only():
+    """What the float64 checks allow for: √8 in float32 is off by 1.7e-8 (relative), √16 is exact."""
+    assert torch.sqrt(torch.tensor(16)).item() == 4.0
+    assert 0 < abs(torch.sqrt(torch.tensor(8)).item() - math.sqrt(8)) / math.sqrt(8) < 1e-7
 
 
 def test_attention_output_times_k_is_named_when_the_widths_agree():
@@ -476,7 +565,24 @@ class ScoresAsWeights(SelfAttentionEinsum):
         return out, q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
 
 
+class ScaledByDModel(SelfAttentionEinsum):
+    """Attention written out in forward, divided by √d_model instead of √d_head."""
+
+    def forward(self, x):
+        q, k, v = self.projections(x)
+        w = softmax_lse(q @ k.transpose(-2, -1) / math.sqrt(self.q_proj.in_features))
+        return w @ v, w
+
+
+class WeightsThenOutput(SelfAttentionEinsum):
+    def forward(self, x):
+        out, w = super().forward(x)
+        return w, out
+
+
 @pytest.mark.parametrize("cls, mistake", [
+    (ScaledByDModel, "scaled_by_sqrt_d_model"),
+    (WeightsThenOutput, "outputs_swapped"),
     (WrongNames, "wrong_parameters"),
     (WithBias, "wrong_parameters"),
     (RawParameters, "wrong_parameters"),
@@ -488,7 +594,7 @@ class ScoresAsWeights(SelfAttentionEinsum):
     (NoSuperInit, "raised"),
     (OutputOnly, "not_a_tuple"),
     (DetachedOutput, "no_gradient"),
-    (Unscaled, "values_differ"),
+    (Unscaled, "no_scaling"),
     (LogitsAsWeights, "values_differ"),
     (ScoresAsWeights, "raw_scores_as_weights"),
 ])
@@ -499,6 +605,24 @@ def test_self_attention_mutants(cls, mistake):
 def test_self_attention_parameter_messages_name_what_was_found():
     assert "W_q.weight" in str(failure(check_self_attention, WrongNames))
     assert "(out, in)" in str(failure(check_self_attention, InOutSwapped))
+
+
+# --------------------------------------------------------------------------------------------
+# Demo cells after an unfinished exercise
+# --------------------------------------------------------------------------------------------
+
+def test_a_demo_after_an_unfinished_exercise_says_which_one():
+    def unfinished(*args):
+        raise NotImplementedError()
+
+    with pytest.raises(ExerciseNotDone, match="finish Exercise 2 .*Exercise 1"):
+        with needs_exercise(2):
+            unfinished()
+    with pytest.raises(IndexError):          # other errors are the student's to see
+        with needs_exercise(1):
+            [][0]
+    with needs_exercise(3):
+        pass
 
 
 # --------------------------------------------------------------------------------------------

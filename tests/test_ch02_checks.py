@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 from autograder.checks import masks
-from autograder.checks.ch02 import check_causal_mask, check_masked_attention, check_padding_mask
+from autograder.checks.ch02 import check_causal_mask, check_masked_attention, check_padding_mask, masked_attention_failure
 from checking import FAST, mistake_of
 
 
@@ -81,6 +81,9 @@ def _ones(n, device):
     (lambda n, device=None: torch.triu(_ones(n, device)), "causal_upper_triangle"),
     (lambda n, device=None: torch.tril(_ones(n, device), diagonal=-1), "causal_without_diagonal"),
     (lambda n, device=None: _ones(n, device), "causal_blocks_nothing"),
+    (lambda n, device=None: torch.tril(_ones(n, device), diagonal=1), "causal_shifted_by_one"),
+    (lambda n, device=None: (lambda i: i[None, :] <= i[:, None] + 1)(torch.arange(n, device=device)),
+     "causal_shifted_by_one"),
     (lambda n, device=None: torch.tril(torch.ones(n, n, device=device)), "mask_not_bool"),
     (lambda n, device=None: torch.tril(_ones(n, device))[None], "wrong_shape"),
     (lambda n, device=None: torch.eye(n, dtype=torch.bool, device=device), "values_differ"),
@@ -91,6 +94,52 @@ def test_causal_mask_mutants(mutant, mistake):
 
 needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
                                                    reason="needs CUDA to see a mask on the wrong device")]
+
+
+def causal_ignoring_device(n, device=None):
+    return torch.tril(torch.ones(n, n, dtype=torch.bool))          # device never used
+
+
+def causal_device_read_but_not_used(n, device=None):
+    device = device or "cpu"
+    return torch.ones(n, n, dtype=torch.bool).tril()                # created on the default device
+
+
+@pytest.mark.parametrize("mutant", [causal_ignoring_device, causal_device_read_but_not_used])
+def test_a_causal_mask_ignoring_its_device_fails_on_the_cpu_too(mutant):
+    """Caught on any machine (the meta device, and a device parameter the body never reads), not
+    only on a GPU grader."""
+    assert mistake_of(check_causal_mask, mutant) == "causal_ignores_device"
+
+
+def causal_tril_to(n, device=None):
+    return torch.tril(torch.ones(n, n)).bool().to(device)
+
+
+def causal_tensor_of_lists(n, device=None):
+    return torch.tensor([[j <= i for j in range(n)] for i in range(n)], dtype=torch.bool, device=device)
+
+
+def causal_not_triu(n, device=None):
+    return ~torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+
+
+def causal_filled_in_a_loop(n, device=None):
+    m = torch.zeros(n, n, dtype=torch.bool, device=device)
+    for i in range(n):
+        m[i, :i + 1] = True
+    return m
+
+
+def causal_of_kwargs(n, **kwargs):
+    return torch.ones(n, n, dtype=torch.bool, **kwargs).tril()
+
+
+@pytest.mark.parametrize("honest", [causal_mask, causal_tril_to, causal_tensor_of_lists, causal_not_triu,
+                                    causal_filled_in_a_loop, causal_of_kwargs])
+def test_honest_causal_masks_work_on_the_meta_device_and_pass(honest):
+    assert honest(3, device="meta").device.type == "meta"
+    check_causal_mask(honest)
 
 
 @pytest.mark.parametrize("check, mutant", [
@@ -202,6 +251,65 @@ def nan_to_num_afterwards(q, k, v, mask=None):
     return w @ v, w
 
 
+def filled_with_zero(q, k, v, mask=None):
+    s = _logits(q, k)
+    if mask is not None:
+        s = s.masked_fill(~mask, 0.0)
+    w = torch.softmax(s, -1)
+    return w @ v, w
+
+
+def multiplied_by_mask(q, k, v, mask=None):
+    s = _logits(q, k)
+    if mask is not None:
+        s = s * mask
+    w = torch.softmax(s, -1)
+    return w @ v, w
+
+
+def masked_fill_then_nan_to_num(q, k, v, mask=None):
+    """Honest: masked_fill's backward sends no gradient to the filled positions, so the NaN of a
+    fully masked row, replaced after the softmax, never reaches q and k."""
+    s = _logits(q, k)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    w = torch.softmax(s, -1).nan_to_num(0.0)
+    return w @ v, w
+
+
+def where_then_where(q, k, v, mask=None):
+    s = _logits(q, k)
+    if mask is not None:
+        s = torch.where(mask, s, float("-inf"))
+    w = torch.softmax(s, -1)
+    w = torch.where(torch.isnan(w), torch.zeros_like(w), w)
+    return w @ v, w
+
+
+@pytest.mark.parametrize("honest", [masked_fill_then_nan_to_num, where_then_where])
+def test_replacing_the_nan_after_a_filled_mask_is_correct(honest):
+    check_masked_attention(honest)
+    q, k, v = (torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out, _ = honest(q, k, v, masks.padding([0, 2], 3))
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_an_additive_minus_inf_mask_leaks_nan_into_the_gradients():
+    """What the chapter and the nan_in_gradient message say: the difference is fill vs add."""
+    s = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    m = torch.tensor([[True, False, True], [False, False, False]])
+    torch.softmax(s + torch.where(m, 0.0, float("-inf")), -1).nan_to_num(0.0).sum().backward()
+    assert torch.isnan(s.grad[1]).all() and torch.isfinite(s.grad[0]).all()
+
+
+def test_later_chapters_can_ask_whether_the_chapter_2_function_is_the_culprit(capsys):
+    assert masked_attention_failure(attention) is None
+    assert masked_attention_failure(filled_with_zero).mistake == "mask_filled_with_zero"
+    assert masked_attention_failure(uses_pytorch).mistake == "forbidden:scaled_dot_product_attention"
+    assert capsys.readouterr().out == ""
+
+
 def uses_pytorch(q, k, v, mask=None):
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out, torch.softmax(_logits(q, k), -1)
@@ -239,6 +347,8 @@ def peeks(q, k, v, mask=None):
 
 @pytest.mark.parametrize("mutant, mistake", [
     (inverted, "mask_inverted"),
+    (filled_with_zero, "mask_filled_with_zero"),
+    (multiplied_by_mask, "mask_filled_with_zero"),
     (ignores_mask, "mask_ignored"),
     (zeroed_after_softmax, "mask_after_softmax"),
     (renormalised_nan, "nan_in_empty_rows"),

@@ -277,6 +277,71 @@ def test_mha_mutants(cls, mistake):
     assert mistake_of(check_multi_head_attention, cls) == mistake
 
 
+# --------------------------------------------------------------------------------------------
+# An earlier function is the culprit: named, not blamed on multi-head attention
+# --------------------------------------------------------------------------------------------
+
+def ch02_attention(q, k, v, mask=None):
+    """A chapter-2 answer that passes chapter 2's checks (any leading dimensions)."""
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    w = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return w @ v, w
+
+
+def attention_masks_after_softmax(q, k, v, mask=None):
+    """Chapter 2's classic mistake, pasted into chapter 3."""
+    w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+    if mask is not None:
+        w = w * mask
+    return w @ v, w
+
+
+class UsesPastedAttention(GoodMHA):
+    attention = staticmethod(my_attention)
+
+    def attend(self, q, k, v, mask):
+        return type(self).attention(q, k, v, mask)
+
+
+class UsesBuggyPaste(UsesPastedAttention):
+    attention = staticmethod(attention_masks_after_softmax)
+
+
+def test_a_buggy_pasted_attention_is_named_as_the_culprit():
+    assert mistake_of(check_multi_head_attention, UsesBuggyPaste, attention_masks_after_softmax) \
+        == "pasted_attention_fails"
+    # Without the pasted function the module's own failure is reported (a mask mistake).
+    assert mistake_of(check_multi_head_attention, UsesBuggyPaste) != "pasted_attention_fails"
+
+
+def test_a_missing_paste_is_named():
+    def calls_a_missing_function(q, k, v, mask=None):
+        return scaled_dot_product_attention(q, k, v, mask)  # noqa: F821 - never pasted
+
+    class UsesMissingPaste(UsesPastedAttention):
+        attention = staticmethod(calls_a_missing_function)
+
+    assert mistake_of(check_multi_head_attention, UsesMissingPaste, None, good_split, good_merge) \
+        == "pasted_attention_missing"
+
+
+def test_a_buggy_split_is_named_as_the_culprit():
+    assert mistake_of(check_multi_head_attention, SplitNoTranspose, ch02_attention, split_no_transpose,
+                      good_merge) == "split_merge_fails"
+
+
+def test_earlier_functions_are_not_blamed_when_the_module_passes_or_is_its_own_culprit(capsys):
+    # The module does not use the buggy paste: full marks, no blame.
+    check_multi_head_attention(UsesPastedAttention, attention_masks_after_softmax, good_split, good_merge)
+    assert "MultiHeadAttention: all" in capsys.readouterr().out
+    # Correct earlier functions: the module's own mistake is named.
+    assert mistake_of(check_multi_head_attention, MaskInverted, ch02_attention, good_split, good_merge) \
+        == "mask_inverted"
+    assert mistake_of(check_multi_head_attention, Stub, attention_masks_after_softmax) == "not_implemented"
+
+
 class SandboxValueError(GoodMHA):
     def __init__(self, d_model, num_heads):
         if d_model % num_heads:

@@ -316,10 +316,18 @@ def test_values_that_may_not_cross_are_rejected(value):
 def test_tensors_of_unsupported_kinds_are_rejected_by_validate():
     class Sub(torch.Tensor):
         pass
-    for t in (torch.ones(2, device="meta"), torch.ones(2).as_subclass(Sub),
-              torch.ones(2, dtype=torch.float8_e4m3fn)):
+    for t in (torch.ones(2).as_subclass(Sub), torch.ones(2, dtype=torch.float8_e4m3fn)):
         with pytest.raises(WireError):
             wire.validate([t])
+
+
+def test_meta_tensors_cross_and_count_by_their_logical_size():
+    """A check asks for a mask on the meta device to see that `device=` is honoured."""
+    back = read_message(frame({"ok": True, "tensors": [torch.ones(3, 3, dtype=torch.bool, device="meta")]}))
+    (t,) = back["tensors"]
+    assert t.is_meta and t.shape == (3, 3) and t.dtype == torch.bool
+    with pytest.raises(WireError):
+        read_message(frame({"ok": True, "tensors": [torch.empty(2**40, device="meta")]}))
 
 
 def test_malformed_or_unsupported_archives_are_rejected():

@@ -7,20 +7,27 @@ boolean tensor, True where a query may attend to a key, broadcastable against th
 Expected values come from PyTorch's own operations (``torch.tril``, ``torch.arange`` comparisons,
 ``F.scaled_dot_product_attention`` with a boolean ``attn_mask``, ``torch.softmax`` after
 ``masked_fill(-inf)``), never from the course's solution. Each public check runs a list of
-``_check_<property>(fn, device)`` functions on the CPU and, when present, on CUDA.
+``_check_<property>(fn, device)`` functions on the CPU and, when present, on CUDA; whether
+``causal_mask`` honours ``device=`` is also checked on the ``meta`` device, so that a CPU-only
+machine catches it too.
+
+Later chapters that call the student's chapter-2 attention use :func:`masked_attention_failure`
+to tell a chapter-2 bug from a bug in the layer built on it.
 """
 from __future__ import annotations
 
+import ast
 import math
 
 import torch
 
 from . import forbidden, masks
-from .core import (Mistake, call, expect_close, expect_outputs, expect_tensor, fail, on_devices, passed,
-                   randn, randn_qkv, tolerance)
+from .core import (CheckFailure, Mistake, call, expect_close, expect_outputs, expect_tensor, fail, on_devices,
+                   passed, randn, randn_qkv, tolerance)
 from .gradients import expect_grads_close
 from .masks import MASK_NOT_BOOL, causal, expect_mask, expect_mask_tensor, padding  # noqa: F401 - catalogued
-from .scan import forbid_names
+from .scan import forbid_names, source_of
+from ..notebook import safe_parse
 
 # --------------------------------------------------------------------------------------------
 # Exercise 1: causal_mask(n, device=None) -> (n, n) bool
@@ -35,6 +42,14 @@ CAUSAL_NO_DIAGONAL = Mistake("causal_without_diagonal", "the diagonal is exclude
                              "itself (keys j <= i, not j < i).")
 CAUSAL_ALL_TRUE = Mistake("causal_blocks_nothing", "every entry is True, which blocks nothing: only keys j <= i "
                           "are allowed for query i.")
+CAUSAL_SHIFTED = Mistake("causal_shifted_by_one", "it is shifted by one: query i may also see key i + 1, the very "
+                         "token it is trained to predict, so the model can still copy the answer. Query i may "
+                         "see keys j <= i (diagonal included), not j <= i + 1.")
+CAUSAL_IGNORES_DEVICE = Mistake(
+    "causal_ignores_device", "{what} ignores its device argument: {why}. The mask is then always created on the "
+    "default device (the CPU). That passes on a machine without a GPU and fails as soon as the attention runs on "
+    "one, so the check asks for device=\"meta\" (PyTorch's device without data, present on every machine) to "
+    "catch it anywhere. Create the tensor on the requested device (the tensor factories take device=...).")
 
 
 def _check_causal_values(causal_mask, device) -> int:
@@ -46,8 +61,43 @@ def _check_causal_values(causal_mask, device) -> int:
         ones = torch.ones(n, n, dtype=torch.bool, device=device)
         expect_mask(m, want, what, mistakes={CAUSAL_INVERTED: ~want, CAUSAL_UPPER: torch.triu(ones),
                                              CAUSAL_NO_DIAGONAL: torch.tril(ones, diagonal=-1),
-                                             CAUSAL_ALL_TRUE: ones})
+                                             CAUSAL_ALL_TRUE: ones, CAUSAL_SHIFTED: torch.tril(ones, diagonal=1)})
     return 12
+
+
+def _device_parameter_unused(fn) -> bool:
+    """Static: a ``def causal_mask(n, device=None)`` whose body never reads ``device``."""
+    tree = safe_parse(source_of(fn) or "")
+    if tree is None:
+        return False
+    defs = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    named = [node for node in defs if node.name == "causal_mask"]
+    if not (named or defs):
+        return False
+    node = (named or defs)[-1]      # the definition in force (in the grader: the last in the notebook)
+    params = [a.arg for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs)]
+    if "device" not in params or node.args.vararg or node.args.kwarg:
+        return False
+    return not any(isinstance(n, ast.Name) and n.id == "device" for body in node.body for n in ast.walk(body))
+
+
+def _check_honours_device(causal_mask) -> int:
+    """The mask is created on the requested device, on any machine: asked for the ``meta`` device
+    (no data, available everywhere), a mask that comes back on the CPU ignored the argument."""
+    __tracebackhide__ = True
+    what = "causal_mask(4, device=\"meta\")"
+    if _device_parameter_unused(causal_mask):
+        fail(CAUSAL_IGNORES_DEVICE, what="causal_mask(n, device)",
+             why="the function never uses its parameter `device`")
+    try:
+        m = call(causal_mask, 4, device="meta", what=what)
+    except CheckFailure:
+        # Code that cannot run on a device without data (or a result that cannot leave the
+        # grader's sandbox, which does not carry meta tensors) tells nothing about the device.
+        return 1
+    if isinstance(m, torch.Tensor) and m.device.type != "meta":
+        fail(CAUSAL_IGNORES_DEVICE, what=what, why=f"asked for the meta device, it returned a mask on {m.device}")
+    return 2
 
 
 def _check_default_device(causal_mask) -> int:
@@ -64,7 +114,7 @@ def check_causal_mask(causal_mask) -> None:
     and below the diagonal (query i may attend to keys j <= i)."""
     __tracebackhide__ = True
     n = on_devices([_check_causal_values], causal_mask)
-    passed("causal_mask", n + _check_default_device(causal_mask))
+    passed("causal_mask", n + _check_default_device(causal_mask) + _check_honours_device(causal_mask))
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,8 +178,9 @@ _NAN_FULLY_MASKED = (
     "Make sure you aren't computing 0 * -inf or softmax of an all -inf row: a query that may "
     "attend to no key has every logit at -inf, and a softmax of that row is -inf - (-inf) = NaN "
     "(zeroing its weights and dividing by their sum is 0 / 0 = NaN too). "
-    "Give such rows a harmless finite logit (e.g. 0) before the softmax and set their weights "
-    "to 0 afterwards (masked_fill or torch.where with mask.any(dim=-1, keepdim=True)).")
+    "Find the rows that have no allowed key, and either keep them from reaching the softmax as all "
+    "-inf (any finite logit will do) and give them zero weights afterwards, or replace their NaN "
+    "weights by 0 after the softmax.")
 _EMPTY_ROWS = "a query that may attend to no key must get all-zero weights and a zero output"
 
 NO_SCALING = Mistake("no_scaling", "no scaling: divide the logits QKᵀ by √d_k before masking and the softmax.")
@@ -152,6 +203,10 @@ LARGE_NEGATIVE_ADDED = Mistake("large_negative_added", f"{_EMPTY_ROWS}. It looks
                                "-inf: such a row is still an ordinary softmax. Use -inf, and zero the rows that "
                                "have no allowed key.")
 UNIFORM_EMPTY_ROWS = Mistake("uniform_empty_rows", f"{_EMPTY_ROWS}, not uniform weights over the blocked keys.")
+MASK_FILLED_WITH_ZERO = Mistake(
+    "mask_filled_with_zero", "the blocked logits were set to 0 (masked_fill(~mask, 0), or logits * mask) instead "
+    "of -inf. A logit of 0 is an ordinary logit: exp(0) = 1, so the blocked keys still get weight. Set the "
+    "blocked logits to -inf before the softmax, so that exp gives exactly 0.")
 MASK_TRANSPOSED = Mistake("mask_transposed", "the mask is transposed: its rows are the queries and its columns "
                           "the keys, like the logits (..., L_q, L_k); use it as it is.")
 NAN_IN_EMPTY_ROWS = Mistake("nan_in_empty_rows", "The result ({label}) is NaN exactly in the rows where the "
@@ -186,9 +241,14 @@ HUGE_BLOCKED_LOGIT = Mistake("huge_blocked_logit_took_the_mass", "the blocked ke
                              "the softmax's mass: blocking after the softmax (zeroing the weights, with or without "
                              "renormalising) leaves nothing for the allowed keys. Fill the blocked logits with -inf "
                              "BEFORE the softmax.")
-NAN_IN_GRADIENT = Mistake("nan_in_gradient", "The gradient of {what} with respect to {name} contains NaN or inf, "
-                          f"although the result itself is finite. {_NAN_FULLY_MASKED} Replacing NaN afterwards "
-                          "(e.g. torch.nan_to_num) fixes the forward pass only: the NaN still flows backward.")
+NAN_IN_GRADIENT = Mistake(
+    "nan_in_gradient", "The gradient of {what} with respect to {name} contains NaN or inf, although the result "
+    "itself is finite. Most likely the softmax computed NaN for a fully masked row (all -inf) and the NaN was "
+    "replaced afterwards (torch.nan_to_num, torch.where). Whether that NaN reaches the gradients depends on how "
+    "the -inf got into the logits: masked_fill and torch.where send no gradient at all to the positions they "
+    "filled, so the NaN stops there; ADDING a tensor that holds -inf (logits + bias) passes the NaN gradient "
+    "straight through to the logits, and on to q and k. Fill the blocked logits instead of adding to them, or "
+    "keep all -inf rows away from the softmax.")
 
 
 def _logits(q, k):
@@ -211,6 +271,7 @@ def _mistakes(q, k, v, mask) -> tuple[dict, dict]:
             MASK_INVERTED: masks.masked_softmax(logits, ~m),
             MASK_IGNORED: plain,
             MASK_AFTER_SOFTMAX: plain * m,
+            MASK_FILLED_WITH_ZERO: torch.softmax(logits.masked_fill(~m, 0.0), -1),
             LARGE_NEGATIVE_FILL: masks.masked_softmax(logits, m, fill=-1e9, zero_empty_rows=False),
             LARGE_NEGATIVE_ADDED: torch.softmax(logits + (~m) * -1e9, -1),
             UNIFORM_EMPTY_ROWS: torch.where(m.any(-1, keepdim=True), masks.masked_softmax(logits, m),
@@ -399,14 +460,32 @@ def _check_masked_grads(fn, device) -> int:
                                   nonfinite=NAN_IN_GRADIENT)
 
 
+MASKED_ATTENTION_CHECKS = (_check_without_mask, _check_causal, _check_no_peeking, _check_padding, _check_heads,
+                           _check_no_batch, _check_fully_masked_rows, _check_huge_blocked_logit, _check_masked_grads)
+
+
+def _masked_attention_checks(fn) -> int:
+    __tracebackhide__ = True
+    forbid_names(fn, forbidden.ATTENTION, "scaled_dot_product_attention",
+                 "Compute QKᵀ/√d_k, mask the logits, take a softmax and multiply by V yourself.")
+    return on_devices(MASKED_ATTENTION_CHECKS, fn)
+
+
 def check_masked_attention(scaled_dot_product_attention) -> None:
     """Visible tests for exercise 3. ``scaled_dot_product_attention(q, k, v, mask=None)`` ->
     ``(output, weights)`` with q ``(..., L_q, d_k)``, k ``(..., L_k, d_k)``, v ``(..., L_k, d_v)``,
     mask a boolean tensor broadcastable to ``(..., L_q, L_k)``, True where a query may attend."""
     __tracebackhide__ = True
-    fn = scaled_dot_product_attention
-    forbid_names(fn, forbidden.ATTENTION, "scaled_dot_product_attention",
-                 "Compute QKᵀ/√d_k, mask the logits, take a softmax and multiply by V yourself.")
-    passed("scaled_dot_product_attention with a mask", on_devices([
-        _check_without_mask, _check_causal, _check_no_peeking, _check_padding, _check_heads, _check_no_batch,
-        _check_fully_masked_rows, _check_huge_blocked_logit, _check_masked_grads], fn))
+    passed("scaled_dot_product_attention with a mask", _masked_attention_checks(scaled_dot_product_attention))
+
+
+def masked_attention_failure(scaled_dot_product_attention) -> CheckFailure | None:
+    """For later chapters, which call the student's chapter-2 function (pasted into their notebook):
+    the first failure of exercise 3's checks on it, or None when it passes them; prints nothing.
+    A later check can then say "your scaled_dot_product_attention fails chapter 2's checks: fix it
+    first" (with this failure's message and mistake id) instead of blaming the layer built on it."""
+    try:
+        _masked_attention_checks(scaled_dot_product_attention)
+    except CheckFailure as exc:
+        return exc
+    return None

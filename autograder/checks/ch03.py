@@ -8,10 +8,13 @@ functions on the CPU and, when present, on CUDA. Masks follow the course's conve
 """
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
 
 from . import forbidden
-from .core import (Mistake, call, expect_close, expect_module, expect_outputs, expect_raises, expect_tensor,
+from .core import (CheckFailure, Mistake, call, expect_close, expect_module, expect_outputs, expect_raises, expect_tensor,
                    fail, on_devices, passed, randn)
 from .gradients import expect_grads_close, grads
 from .masks import causal, padding
@@ -301,13 +304,61 @@ def _check_mha_grads(MultiHeadAttention, device) -> int:
                               upstream=randn(2, 4, D_MODEL, seed=90, dtype=torch.float64, device=device))
 
 
-def check_multi_head_attention(MultiHeadAttention) -> None:
+PASTED_ATTENTION_FAILS = Mistake(
+    "pasted_attention_fails", "MultiHeadAttention failed its checks ({mha}), but the culprit is probably "
+    "earlier: the scaled_dot_product_attention you pasted from chapter 2 (section 0, the cell under \"Your "
+    "masked attention from chapter 2\") fails chapter 2's own checks: {earlier} Fix the pasted function first "
+    "(run chapter 2's tests on it); your module runs through it, so its bugs show up here.")
+PASTED_ATTENTION_MISSING = Mistake(
+    "pasted_attention_missing", "MultiHeadAttention failed its checks ({mha}), and scaled_dot_product_attention "
+    "is not defined: paste your chapter-2 function into the cell of section 0 (\"Your masked attention from "
+    "chapter 2\") and run that cell first.")
+EARLIER_SPLIT_MERGE_FAILS = Mistake(
+    "split_merge_fails", "MultiHeadAttention failed its checks ({mha}), but the culprit is probably earlier: "
+    "your split_heads/merge_heads fail exercise 1's checks: {earlier} Fix exercise 1 first; your module uses "
+    "them, so their bugs show up here.")
+
+
+def _blame_earlier(mha_failure: CheckFailure, scaled_dot_product_attention, split_heads, merge_heads) -> None:
+    """MultiHeadAttention failed: if a function it builds on fails its own chapter's checks, say so
+    (a chapter-2 bug pasted into chapter 3 is not a multi-head attention bug). A module that does not
+    use the earlier functions fails only on its own merits: this runs only after it failed."""
+    __tracebackhide__ = True
+    if mha_failure.mistake == "not_implemented":
+        return
+    if scaled_dot_product_attention is None and "'scaled_dot_product_attention' is not defined" in str(mha_failure):
+        fail(PASTED_ATTENTION_MISSING, mha=str(mha_failure).rstrip("."))
+    from .ch02 import check_masked_attention
+    earlier = [(PASTED_ATTENTION_FAILS, check_masked_attention, (scaled_dot_product_attention,)),
+               (EARLIER_SPLIT_MERGE_FAILS, check_split_merge, (split_heads, merge_heads))]
+    for mistake, check, functions in earlier:
+        if any(f is None for f in functions):
+            continue
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                check(*functions)
+        except CheckFailure as exc:
+            fail(mistake, mha=str(mha_failure).rstrip("."), earlier=str(exc))
+        except Exception:  # noqa: BLE001 - no verdict on the earlier function: judge the module alone
+            continue
+
+
+def check_multi_head_attention(MultiHeadAttention, scaled_dot_product_attention=None, split_heads=None,
+                               merge_heads=None) -> None:
     """Visible tests for exercise 2. ``MultiHeadAttention(d_model, num_heads)``;
     ``forward(query, key, value, mask=None)`` returns ``(output (B, L_q, d_model),
-    weights (B, num_heads, L_q, L_k))``; True in ``mask`` = may attend."""
+    weights (B, num_heads, L_q, L_k))``; True in ``mask`` = may attend.
+
+    The student's earlier functions (the pasted chapter-2 attention, exercise 1's split/merge), when
+    given, are checked only if the module fails, to name them as the likely culprit."""
     __tracebackhide__ = True
     forbid_names(MultiHeadAttention, forbidden.ATTENTION, "MultiHeadAttention",
                  "Use your split_heads and merge_heads and your own scaled_dot_product_attention(q, k, v, mask) "
                  "from chapter 2 (calling it by its plain name is fine; torch's versions are not).")
-    passed("MultiHeadAttention", on_devices([_check_mha_parameters, _check_divisibility, _check_against_torch,
-                                             _check_against_head_loop, _check_mha_grads], MultiHeadAttention))
+    try:
+        count = on_devices([_check_mha_parameters, _check_divisibility, _check_against_torch,
+                            _check_against_head_loop, _check_mha_grads], MultiHeadAttention)
+    except CheckFailure as exc:
+        _blame_earlier(exc, scaled_dot_product_attention, split_heads, merge_heads)
+        raise
+    passed("MultiHeadAttention", count)

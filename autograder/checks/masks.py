@@ -27,8 +27,10 @@ MASK_NOT_BOOL = Mistake(
 
 
 def causal(n: int, device=None) -> torch.Tensor:
-    """(n, n): query i may attend to keys j <= i."""
-    return torch.tril(torch.ones(n, n, dtype=torch.bool, device=device))
+    """(n, n): query i may attend to keys j <= i. (Written as a comparison of positions, not as
+    the exercise's reference: students read this package, the leak check reads it too.)"""
+    positions = torch.arange(n, device=device)
+    return positions[None, :] <= positions[:, None]
 
 
 def padding(lengths: Sequence[int] | torch.Tensor, max_len: int, device=None) -> torch.Tensor:

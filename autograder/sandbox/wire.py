@@ -108,8 +108,12 @@ _STORAGES = {torch.bool: "BoolStorage", torch.uint8: "ByteStorage", torch.int8: 
 # The only globals a message's pickle may name. weights_only alone allows more, and some of it
 # costs memory inside torch.load, before any check of ours: bytearray(10**10) is a 30-byte
 # pickle, and chained _codecs.encode(..., "hex") doubles a string per call.
+# A tensor on the meta device (no data: checks ask for one to see that `device=` is honoured)
+# is rebuilt from its dtype, which the pickle names as a global of its own.
 _GLOBALS = frozenset({"torch._utils _rebuild_tensor_v2", "collections OrderedDict",
-                      *(f"torch {name}" for name in _STORAGES.values())})
+                      "torch._utils _rebuild_meta_tensor_no_storage",
+                      *(f"torch {name}" for name in _STORAGES.values()),
+                      *(f"torch {str(dtype).removeprefix('torch.')}" for dtype in _STORAGES)})
 _OTHER_GLOBAL_OPS = frozenset({"STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"})
 
 _EOCD = struct.Struct("<4s4H2LH")       # end of central directory record
@@ -229,7 +233,7 @@ class _Budget:
         return v
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
-        if (t.layout != torch.strided or t.is_nested or t.is_meta or t.is_quantized
+        if (t.layout != torch.strided or t.is_nested or t.is_quantized
                 or t.dtype not in _STORAGES):
             raise WireError(f"the answer has an unsupported tensor ({t.layout}, {t.dtype})")
         # Logical size, not storage size: many expanded views of one small storage each count

@@ -43,6 +43,23 @@ def softmax(x, dim=-1):
     return e / torch.sum(e, dim=dim, keepdim=True)
 '''
 
+SOFTMAX_DETACHED_MAX = '''
+def softmax(x, dim=-1):
+    # the shift does not change the result, so detaching it loses no gradient
+    m = x.max(dim=dim, keepdim=True).values.detach()
+    e = torch.exp(x - m)
+    return e / e.sum(dim=dim, keepdim=True)
+'''
+
+# A common idiom: √d_k as a float32 tensor, also when q is float64 (a 1e-8 rounding, not a mistake).
+ATTENTION_FLOAT32_SQRT = '''
+def scaled_dot_product_attention(q, k, v):
+    d_k = q.shape[-1]
+    scores = torch.matmul(q, k.transpose(-2, -1)) / torch.sqrt(torch.tensor(d_k))
+    weights = softmax(scores, dim=-1)
+    return torch.matmul(weights, v), weights
+'''
+
 ATTENTION_EINSUM = '''
 def scaled_dot_product_attention(q, k, v):
     scores = torch.einsum("...qd,...kd->...qk", q, k) * q.shape[-1] ** -0.5
@@ -108,6 +125,21 @@ class SelfAttention(nn.Module):
         return scaled_dot_product_attention(q, k, v)
 '''
 
+SELF_ATTENTION_INLINE_FLOAT32_SQRT = '''
+class SelfAttention(nn.Module):
+    def __init__(self, d_model, d_head):
+        super().__init__()
+        self.d_head = d_head
+        self.q_proj = nn.Linear(d_model, d_head, bias=False)
+        self.k_proj = nn.Linear(d_model, d_head, bias=False)
+        self.v_proj = nn.Linear(d_model, d_head, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        w = softmax(q @ k.mT / torch.sqrt(torch.tensor(self.d_head)), dim=-1)
+        return w @ v, w
+'''
+
 OK = dict(softmax_answer=SOFTMAX_LSE, attention_answer=ATTENTION_EINSUM, self_attention_answer=SELF_ATTENTION)
 
 SOFTMAX_WRONG_AXIS = '''
@@ -136,6 +168,9 @@ CASES = [
     Case("honest_bmm_functional_linear", FULL, fast(ok(attention_answer=ATTENTION_BMM,
                                                        self_attention_answer=SELF_ATTENTION_FUNCTIONAL))),
     Case("honest_where_einsum", FULL, fast(ok(softmax_answer=SOFTMAX_WHERE))),
+    Case("honest_float32_sqrt_and_detached_max", FULL, fast(ok(
+        softmax_answer=SOFTMAX_DETACHED_MAX, attention_answer=ATTENTION_FLOAT32_SQRT,
+        self_attention_answer=SELF_ATTENTION_INLINE_FLOAT32_SQRT))),
     Case("honest_with_warning_on_stderr", FULL, fast(ok(softmax_answer='''
 import warnings
 def softmax(x, dim=-1):
@@ -146,6 +181,15 @@ def softmax(x, dim=-1):
     Case("honest_other_kernel_name", FULL, fast(ok(), lambda nb: (nb.metadata.update(
         kernelspec={"name": "my-env", "display_name": "My env", "language": "python"}), nb)[1])),
     Case("renamed_notebook", FULL, fast(ok()), filename="ch01_attention (1).ipynb"),
+
+    # ---------------------------------------------------------------- honest but wrong
+    # One maximum for the whole tensor: right on ordinary inputs, NaN when rows differ in scale
+    # (the visible check now says so; the attention and module do not use this softmax).
+    Case("global_max_softmax", score(0, 3, 3), fast(ok(softmax_answer='''
+def softmax(x, dim=-1):
+    e = torch.exp(x - x.max())
+    return e / e.sum(dim=dim, keepdim=True)
+''', attention_answer=ATTENTION_STANDALONE))),
 
     # ---------------------------------------------------------------- nothing done / broken files
     Case("untouched_release", ZERO, lambda nb: nb),

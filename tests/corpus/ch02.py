@@ -105,6 +105,18 @@ def scaled_dot_product_attention(q, k, v, mask=None):
     return w.matmul(v), w
 '''
 
+# torch.where with -inf, then the NaN of a fully masked row replaced by torch.where(isnan): like
+# masked_fill, torch.where sends no gradient to the positions it filled, so the gradients stay finite.
+ATTENTION_WHERE_ISNAN = '''
+def scaled_dot_product_attention(q, k, v, mask=None):
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = torch.where(mask, logits, float("-inf"))
+    w = torch.softmax(logits, dim=-1)
+    w = torch.where(torch.isnan(w), torch.zeros_like(w), w)
+    return w @ v, w
+'''
+
 # Its own softmax: max over the allowed keys only, exp, zero the blocked keys, divide by the sum
 # (clamped so that an empty row divides 0 by something positive).
 ATTENTION_MANUAL_SOFTMAX = '''
@@ -256,6 +268,42 @@ def scaled_dot_product_attention(q, k, v, mask=None):
     return fused(q, k, v, attn_mask=mask), w
 '''
 
+# An additive -inf mask, NaN replaced after the softmax: the forward pass is right, but the NaN
+# gradient of a fully masked row flows through the addition into q and k.
+ATTENTION_ADDITIVE_NAN_TO_NUM = '''
+def scaled_dot_product_attention(q, k, v, mask=None):
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = logits + torch.zeros_like(logits).masked_fill(~mask, float("-inf"))
+    w = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
+    return w @ v, w
+'''
+
+ATTENTION_FILL_ZERO = '''
+def scaled_dot_product_attention(q, k, v, mask=None):
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = logits * mask                   # blocked logits become 0, not -inf
+    w = torch.softmax(logits, -1)
+    return w @ v, w
+'''
+
+CAUSAL_SHIFTED = '''
+def causal_mask(n, device=None):
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril(diagonal=1)
+'''
+
+CAUSAL_IGNORES_DEVICE = '''
+def causal_mask(n, device=None):
+    return torch.tril(torch.ones(n, n, dtype=torch.bool))       # always on the CPU
+'''
+
+CAUSAL_DEVICE_READ_NOT_USED = '''
+def causal_mask(n, device=None):
+    device = device or "cpu"
+    return torch.tril(torch.ones(n, n, dtype=torch.bool))       # always on the CPU
+'''
+
 CAUSAL_INT = '''
 def causal_mask(n, device=None):
     return torch.ones(n, n, dtype=torch.long, device=device).tril()      # 0/1 integers
@@ -337,6 +385,8 @@ CASES = [
     Case("honest_manual_masked_softmax", FULL, fast(ok(masked_attention_answer=ATTENTION_MANUAL_SOFTMAX))),
     Case("honest_large_negative_empty_rows_zeroed", FULL, fast(ok(
         causal_mask_answer=CAUSAL_NOT_TRIU, masked_attention_answer=ATTENTION_LARGE_NEGATIVE_ZEROED))),
+    Case("honest_where_then_isnan", FULL, fast(ok(causal_mask_answer=CAUSAL_FLOAT_TRIL_BOOL,
+                                                  masked_attention_answer=ATTENTION_WHERE_ISNAN))),
 
     # ---------------------------------------------------------------- nothing done
     Case("untouched_release", ZERO, lambda nb: nb),
@@ -356,6 +406,15 @@ CASES = [
     Case("padding_without_query_axis_causal_without_diagonal", score(0, 0, 4), fast(ok(
         causal_mask_answer=CAUSAL_NO_DIAGONAL, padding_mask_answer=PADDING_NO_QUERY_AXIS))),
     Case("padding_off_by_one", score(1, 0, 4), fast(ok(padding_mask_answer=PADDING_OFF_BY_ONE))),
+    Case("additive_minus_inf_then_nan_to_num", score(1, 1, 0),
+         fast(ok(masked_attention_answer=ATTENTION_ADDITIVE_NAN_TO_NUM))),
+    Case("blocked_logits_filled_with_zero", score(1, 1, 0), fast(ok(masked_attention_answer=ATTENTION_FILL_ZERO))),
+    Case("causal_shifted_by_one", score(0, 1, 4), fast(ok(causal_mask_answer=CAUSAL_SHIFTED))),
+    # Both fail on a CPU-only grader too (the device parameter unused; a mask asked for on the
+    # meta device that comes back on the CPU), not only where CUDA is present.
+    Case("causal_ignores_device", score(0, 1, 4), fast(ok(causal_mask_answer=CAUSAL_IGNORES_DEVICE))),
+    Case("causal_device_read_but_not_used", score(0, 1, 4),
+         fast(ok(causal_mask_answer=CAUSAL_DEVICE_READ_NOT_USED))),
 
     # ---------------------------------------------------------------- forbidden shortcuts
     Case("torch_sdpa_in_masked_attention", score(1, 1, 0), fast(ok(masked_attention_answer=ATTENTION_TORCH_SDPA))),

@@ -449,7 +449,12 @@ CASES = [
     Case("torch_sdpa_inside_mha", score(2, 0), fast(ok(mha_answer=MHA_FUNCTIONAL_TORCH))),
 
     # ---------------------------------------------------------------- chapter 2 carried over
+    # The module's output is wrong whoever is to blame: 0 for it, and the message now names the paste
+    # (pasted_attention_fails) instead of a multi-head mistake.
     Case("pasted_attention_masks_after_softmax", score(2, 0), fast(ok(attention_from_ch02=PASTE_MASK_AFTER_SOFTMAX))),
+    # A buggy paste that the module does not use (it attends by itself): graded on its own merits.
+    Case("buggy_paste_unused_by_own_attention", FULL, fast(ok(
+        attention_from_ch02=PASTE_MASK_AFTER_SOFTMAX, mha_answer=MHA_EINSUM))),
 ]
 
 # Regressions: submissions an earlier grader scored wrongly (each note says how). The
