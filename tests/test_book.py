@@ -185,6 +185,8 @@ def test_solutions_edition_shows_the_reference_and_no_hidden_test(solutions_html
 
     solution, hidden = set(), set()
     for cell in read_cells(source_notebook(chapter)):
+        if cell.get("cell_type") != "code":     # written answers are rendered (math, markup)
+            continue
         for kind, block, _ in BLOCK.findall(source(cell)):
             lines = {s.strip() for s in block.splitlines() if len(s.strip()) >= 20 and not s.strip().startswith("#")}
             (solution if kind == "SOLUTION" else hidden).update(lines)

@@ -89,7 +89,8 @@ def test_nothing_unsafe_reaches_autograded_or_feedback(graded, chapter):
             assert stat.S_ISREG(mode) or stat.S_ISDIR(mode), f"{path} is not a plain file"
             if stat.S_ISREG(mode):
                 assert path.stat().st_nlink == 1, f"{path} is a hard link"
-                assert path.stat().st_size < 8 * 2**20, f"{path} is {path.stat().st_size} bytes"
+                # bounded by what a notebook may be (32 MiB), whatever its code prints or holds
+                assert path.stat().st_size < 32 * 2**20, f"{path} is {path.stat().st_size} bytes"
                 text = path.read_bytes().decode("utf-8", "replace")
                 assert "instructor only" not in text, path
                 assert not any(line in text for line in shadow), f"{path} holds /etc/shadow"
