@@ -190,13 +190,6 @@ class _Grading:
             outputs.append(_error_output(kind if kind.isidentifier() else "Error", msg))
         cell.outputs = outputs
 
-    def fail_remaining(self, start: int, why: str) -> None:
-        """Give every test cell from ``start`` on a failing verdict (the grading itself broke)."""
-        for cell in self.nb.cells[start:]:
-            gid = meta(cell).get("grade_id") if cell.get("cell_type") == "code" else None
-            if gid in self.exercises and gid not in {v.grade_id for v in self.report.verdicts}:
-                cell.outputs = [_error_output("GradingError", why)]
-                self.report.verdicts.append(Verdict(gid, False, why, 0.0))
 
 
 def grade_notebook(nb, chapter: Chapter, *, solutions_dir: Path, limits: Limits | None = None,
@@ -218,15 +211,12 @@ def grade_notebook(nb, chapter: Chapter, *, solutions_dir: Path, limits: Limits 
         report.events.append(f"the sandbox could not start: {exc}")
         why = "not graded: the grader could not start a sandbox (the instructor has been told)"
         log.error("sandbox unavailable: %s", exc)
-        _fail_all(nb, chapter, report, why)
+        _fail_undecided(nb, chapter, report, why)
     except Exception:  # noqa: BLE001 - a grading bug must cost the student nothing but a re-grade
         log.error("grading stopped at cell %d:\n%s", index, traceback.format_exc())
         report.events.append(f"grading stopped at cell {index} by an internal error (see the log)")
         why = "not graded: the grader hit an internal error here (the instructor has been told)"
-        if grading is not None:
-            grading.fail_remaining(index, why)
-        else:
-            _fail_all(nb, chapter, report, why)
+        _fail_undecided(nb, chapter, report, why, start=index if grading is not None else 0)
     graded = {v.grade_id for v in report.verdicts}
     for ex in chapter.exercises:
         if ex.test_id not in graded:   # a test cell the submission lost: nbgrader re-adds it; say so
@@ -235,9 +225,12 @@ def grade_notebook(nb, chapter: Chapter, *, solutions_dir: Path, limits: Limits 
     return report
 
 
-def _fail_all(nb, chapter: Chapter, report: Report, why: str) -> None:
+def _fail_undecided(nb, chapter: Chapter, report: Report, why: str, start: int = 0) -> None:
+    """Give every test cell from ``start`` on that has no verdict yet a failing one (the
+    grading itself broke: no sandbox, or an internal error)."""
     tests = {ex.test_id for ex in chapter.exercises}
-    for cell in nb.cells:
-        if cell.get("cell_type") == "code" and meta(cell).get("grade_id") in tests:
+    for cell in nb.cells[start:]:
+        gid = meta(cell).get("grade_id") if cell.get("cell_type") == "code" else None
+        if gid in tests and gid not in {v.grade_id for v in report.verdicts}:
             cell.outputs = [_error_output("GradingError", why)]
-            report.verdicts.append(Verdict(meta(cell)["grade_id"], False, why, 0.0))
+            report.verdicts.append(Verdict(gid, False, why, 0.0))

@@ -29,7 +29,7 @@ import torch
 
 from . import wire
 from .identity import Identity, IdentityUnavailable, student_identity
-from .watchdog import Watchdog, descendants
+from .watchdog import Watchdog, descendants, stat_fields
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent   # .../autograder
 # The grader's own package is mounted here and put first on the runner's path, so the sandbox
@@ -87,12 +87,9 @@ def _signal_name(sig: int) -> str:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] != b"Z"
+    """Running or sleeping: neither gone nor a zombie."""
+    fields = stat_fields(pid)
+    return bool(fields) and fields[0] != b"Z"
 
 
 def bwrap_available() -> bool:

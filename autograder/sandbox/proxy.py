@@ -170,10 +170,8 @@ class _RemoteOp(torch.autograd.Function):
         return (None, *grads)
 
 
-def _invoke(session: Session, request: dict, args: tuple, kwargs: dict, params: dict | None = None):
-    """Call the student's object in the sandbox with autograd support. ``params`` are the
-    called module's mirrored parameters by name (they do not travel; their gradients do)."""
-    params = params or {}
+def _encode(args: tuple, kwargs: dict):
+    """Arguments -> (args tree, kwargs tree, their tensors, the module mirrors among them)."""
     tensors: list = []
     modules: list = []
 
@@ -183,8 +181,14 @@ def _invoke(session: Session, request: dict, args: tuple, kwargs: dict, params: 
             return {HANDLE: [obj._afs_root, obj._afs_path]}
         raise TypeError(f"cannot send a {type(obj).__name__} to the student's code")
 
-    tree_args = flatten(tuple(args), tensors, handle)
-    tree_kwargs = flatten(dict(kwargs), tensors, handle)
+    return flatten(tuple(args), tensors, handle), flatten(dict(kwargs), tensors, handle), tensors, modules
+
+
+def _invoke(session: Session, request: dict, args: tuple, kwargs: dict, params: dict | None = None):
+    """Call the student's object in the sandbox with autograd support. ``params`` are the
+    called module's mirrored parameters by name (they do not travel; their gradients do)."""
+    params = params or {}
+    tree_args, tree_kwargs, tensors, modules = _encode(args, kwargs)
     n_inputs = len(tensors)
     sync, sync_at, training = [], [], []
     tops = list({id(m._afs_top): m._afs_top for m in [*modules, *request.pop("modules", [])]}.values())
@@ -251,15 +255,7 @@ class RemoteFunction(_Remote):
 
 class RemoteClass(_Remote):
     def __call__(self, *args, **kwargs):
-        tensors: list = []
-
-        def handle(obj):
-            if isinstance(obj, RemoteModule):
-                return {HANDLE: [obj._afs_root, obj._afs_path]}
-            raise TypeError(f"cannot send a {type(obj).__name__} to the student's code")
-
-        tree_args = flatten(tuple(args), tensors, handle)
-        tree_kwargs = flatten(dict(kwargs), tensors, handle)
+        tree_args, tree_kwargs, tensors, _ = _encode(args, kwargs)
         _, seed = self._session.next_call()     # initial weights follow the grader's seed too
         reply = self._session.ask({"op": "new", "target": self.__name__, "args": tree_args, "seed": seed,
                                    "kwargs": tree_kwargs, "tensors": [t.detach() for t in tensors]})

@@ -23,18 +23,23 @@ class Totals:
     disk_bytes: int = 0
 
 
+def stat_fields(pid: int | str) -> list[bytes] | None:
+    """``/proc/PID/stat`` after the process name (state, parent, ...), or None if it is gone.
+    The name may hold spaces and parentheses, so the fields start after the last ')'."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2:].split()
+
+
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()   # the name may hold spaces and parens
-        tree.setdefault(int(fields[1]), []).append(int(entry))
+        fields = stat_fields(entry) if entry.isdigit() else None
+        if fields:
+            tree.setdefault(int(fields[1]), []).append(int(entry))
     return tree
 
 
