@@ -94,6 +94,14 @@ class TestProxies:
         (g,) = torch.autograd.grad(y.sum(), [x])
         assert torch.equal(g, torch.tensor([3.0, 12.0]))
 
+    def test_dtype_and_device_arguments_cross_the_boundary(self, sandbox):
+        sandbox.run_cell("import torch\ndef zeros(n, dtype=torch.float32, device=None):\n"
+                         "    return torch.zeros(n, dtype=dtype, device=device)")
+        zeros = make_proxy(Session(sandbox), "zeros", "")
+        got = zeros(3, dtype=torch.float64, device=torch.device("cpu"))
+        assert got.dtype == torch.float64 and got.device.type == "cpu"
+        assert zeros(2, dtype=torch.int8, device="meta").dtype == torch.int8
+
     def test_an_unused_input_gets_no_gradient_as_it_would_locally(self, sandbox):
         sandbox.run_cell("def ignores_k(q, k):\n    return q * 2")
         f = make_proxy(Session(sandbox), "ignores_k", "")

@@ -488,3 +488,15 @@ def test_clean_text():
     start = time.perf_counter()
     assert len(clean_text(long, 100)) < 200
     assert time.perf_counter() - start < 0.5
+
+
+def test_dtype_and_device_markers_rebuild_only_dtypes_and_devices():
+    """``{"__dtype__": name}`` names a torch.dtype, never any other attribute of torch."""
+    from autograder.sandbox.codec import PLAIN_MARKERS, CodecError, dtype_or_device, rebuild
+
+    tree = [dtype_or_device(torch.float64), dtype_or_device(torch.device("meta"))]
+    assert rebuild(tree, [], PLAIN_MARKERS) == [torch.float64, torch.device("meta")]
+    for bad in ({"__dtype__": "Tensor"}, {"__dtype__": "__builtins__"}, {"__dtype__": 3},
+                {"__device__": "gpu:x"}, {"__device__": ["cpu"]}):
+        with pytest.raises(CodecError):
+            rebuild(bad, [], PLAIN_MARKERS)

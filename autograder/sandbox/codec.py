@@ -16,6 +16,8 @@ from .wire import NOT_A_TENSOR, PRIMITIVES, TENSOR
 
 HANDLE = "__handle__"   # {"__handle__": [root, path]}: an object living in the sandbox
 MODULE = "__module__"   # {"__module__": description}: a module the sandbox just handed out
+DTYPE = "__dtype__"     # {"__dtype__": "float64"}: a torch.dtype argument
+DEVICE = "__device__"   # {"__device__": "cuda:0"}: a torch.device argument
 
 
 class CodecError(ValueError):
@@ -51,6 +53,35 @@ def rebuild(tree, tensors: list, markers: dict[str, Callable[[object], object]])
     if type(tree) in (tuple, list):
         return type(tree)(rebuild(v, tensors, markers) for v in tree)
     return tree
+
+
+def dtype_or_device(obj) -> dict | None:
+    """The marker for a ``torch.dtype`` or ``torch.device`` argument, or None."""
+    if isinstance(obj, torch.dtype):
+        return {DTYPE: str(obj).removeprefix("torch.")}
+    if isinstance(obj, torch.device):
+        return {DEVICE: str(obj)}
+    return None
+
+
+def _dtype(name) -> torch.dtype:
+    value = getattr(torch, name, None) if type(name) is str else None
+    if not isinstance(value, torch.dtype):
+        raise CodecError(f"not a dtype: {name!r}")
+    return value
+
+
+def _device(name) -> torch.device:
+    if type(name) is not str:
+        raise CodecError(f"not a device: {name!r}")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise CodecError(f"not a device: {name!r}") from exc
+
+
+#: Markers every side rebuilds the same way (add a handle resolver where handles may come).
+PLAIN_MARKERS = {DTYPE: _dtype, DEVICE: _device}
 
 
 def type_name(obj) -> str:

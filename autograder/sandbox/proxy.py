@@ -30,7 +30,7 @@ from torch import nn
 
 from ..checks.core import CheckFailure
 from . import wire
-from .codec import HANDLE, MODULE, CodecError, flatten, rebuild
+from .codec import HANDLE, MODULE, CodecError, dtype_or_device, flatten, rebuild
 from .process import Sandbox, SandboxFailure, SandboxTimeout
 
 
@@ -179,6 +179,9 @@ def _encode(args: tuple, kwargs: dict):
         if isinstance(obj, RemoteModule):
             modules.append(obj)
             return {HANDLE: [obj._afs_root, obj._afs_path]}
+        marker = dtype_or_device(obj)       # sinusoidal_encoding(..., dtype=torch.float64)
+        if marker is not None:
+            return marker
         raise TypeError(f"cannot send a {type(obj).__name__} to the student's code")
 
     return flatten(tuple(args), tensors, handle), flatten(dict(kwargs), tensors, handle), tensors, modules

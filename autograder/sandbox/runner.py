@@ -196,9 +196,10 @@ def _pack(state: _State, result) -> dict:
 
 def _arguments(req, state: _State):
     """The request's tensors, and a function that rebuilds its argument trees from them."""
-    from autograder.sandbox.codec import HANDLE, rebuild
+    from autograder.sandbox.codec import HANDLE, PLAIN_MARKERS, rebuild
     tensors = list(req.get("tensors", []))
-    return tensors, (lambda tree: rebuild(tree, tensors, {HANDLE: state.resolve}))
+    markers = {**PLAIN_MARKERS, HANDLE: state.resolve}
+    return tensors, (lambda tree: rebuild(tree, tensors, markers))
 
 
 def _tensors_of(result) -> list:

@@ -13,7 +13,7 @@ from pathlib import Path
 import nbformat
 
 from .ch01 import ATTENTION_STANDALONE, FULL, OK, ZERO, fast, score
-from .common import Case, answers, insert, set_meta
+from .common import Case, answers, insert, set_meta, tiers
 
 REPO = Path(__file__).resolve().parents[2]
 SOLUTION = REPO / "solutions" / "ch01_attention" / "ch01_attention.ipynb"
@@ -253,3 +253,5 @@ CASES = [
     Case("keyboard_interrupt_in_cell", FULL, fast(answers(**OK), insert("raise KeyboardInterrupt\n", after="imports"))),
     Case("reads_host_files", FULL, fast(answers(**OK), insert(READS_HOST_FILES, after="imports"))),
 ]
+
+tiers(CASES, hostile={case.name for case in CASES})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from .common import (Case, answers, delete, drop_narrative_code, duplicate, insert, raw, set_meta,
-                     set_source, strip_metadata, then)
+from .common import (Case, answers, delete, duplicate, fast, insert, raw, set_meta,
+                     set_source, strip_metadata, tiers)
 
 FULL = {"softmax_tests": 2.0, "attention_tests": 3.0, "self_attention_tests": 3.0}
 ZERO = {k: 0.0 for k in FULL}
@@ -152,10 +152,6 @@ def softmax(x, dim=-1):
 def ok(**overrides):
     return answers(**{**OK, **overrides})
 
-
-def fast(*edits):
-    """Most hostile cases drop the demo cells to keep the corpus quick."""
-    return then(drop_narrative_code, *edits)
 
 
 CASES = [
@@ -356,3 +352,16 @@ def softmax(x, dim=-1):
     return getattr(torch, "softmax")(x, dim)
 '''))),
 ]
+
+
+# Attacks on the grader and crashes: through nbgrader and the sandbox only.
+tiers(CASES, hostile={
+    "invalid_json", "json_but_not_a_notebook", "tests_edited_to_pass", "test_cell_deleted", "metadata_stripped",
+    "test_cell_duplicated", "points_and_grade_id_changed", "monkeypatches_allclose",
+    "tensor_subclass_equal_to_everything", "object_equal_to_everything", "returns_numpy",
+    "input_transformer_turns_cells_into_pass", "replaces_run_cell", "disables_tracebacks", "reads_solutions",
+    "imports_reference", "gradebook_and_other_students", "opens_network_connection", "checks_grading_environment",
+    "ships_torch_py_and_sitecustomize", "infinite_loop_in_cell", "infinite_loop_in_function", "allocates_50_gb",
+    "os_exit_in_later_cell", "segfault", "sys_exit", "calls_input", "prints_ten_million_lines",
+    "forbidden_builtins", "forbidden_via_getattr", "honest_with_warning_on_stderr", "honest_other_kernel_name"},
+    full={"honest_reference_style", "untouched_release", "global_max_softmax"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 
-from .common import Case, answers, drop_narrative_code, insert, then
+from .common import Case, answers, fast, insert, then, tiers
 
 FULL = {"causal_mask_tests": 1.0, "padding_mask_tests": 1.0, "masked_attention_tests": 4.0}
 ZERO = {k: 0.0 for k in FULL}
@@ -174,10 +174,6 @@ OK = dict(causal_mask_answer=CAUSAL_ARANGE, padding_mask_answer=PADDING_VIEW,
 def ok(**overrides):
     return answers(**{**OK, **overrides})
 
-
-def fast(*edits):
-    """Drop the demo cells (they train small models): keeps the corpus quick."""
-    return then(drop_narrative_code, *edits)
 
 
 # ---- mistakes -----------------------------------------------------------------------------------
@@ -446,3 +442,6 @@ print((mine - F.scaled_dot_product_attention(q, k, v, attn_mask=m)).abs().max())
 ]
 
 CASES += REGRESSIONS
+
+tiers(CASES, full={"honest_full_narrative", "untouched_release", "mask_applied_after_softmax",
+                   "torch_sdpa_in_helper_cell"})

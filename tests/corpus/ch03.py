@@ -8,7 +8,7 @@ student's sandbox (no solutions/ there).
 """
 from __future__ import annotations
 
-from .common import Case, answers, drop_narrative_code, insert, then
+from .common import Case, answers, fast, insert, tiers
 
 FULL = {"split_merge_tests": 2.0, "mha_tests": 4.0}
 ZERO = {k: 0.0 for k in FULL}
@@ -248,10 +248,6 @@ def ok(**overrides):
     return answers(**{**OK, **overrides})
 
 
-def fast(*edits):
-    """Drop the demo cells (figures, FLOP and memory counts): keeps the corpus quick."""
-    return then(drop_narrative_code, *edits)
-
 
 # ---- mistakes -----------------------------------------------------------------------------------
 
@@ -478,3 +474,6 @@ print(sum(p.numel() for p in mine.parameters()), sum(p.numel() for p in theirs.p
 ]
 
 CASES += REGRESSIONS
+
+tiers(CASES, full={"honest_full_narrative", "untouched_release", "reshape_without_transpose",
+                   "pasted_attention_is_torch_sdpa"})

@@ -19,6 +19,14 @@ class Case:
     note: str = ""
     # Called after the notebook is written: setup(folder, course) plants files (links, FIFOs...).
     setup: Callable | None = None
+    # Graded through nbgrader and the sandbox too (not only by the in-process fast tier).
+    full: bool = False
+    # Attacks, crashes, limits: graded only through nbgrader and the sandbox, never in-process.
+    hostile: bool = False
+
+    @property
+    def through_nbgrader(self) -> bool:
+        return self.full or self.hostile or self.setup is not None or self.filename is not None
 
 
 def gid(cell) -> str | None:
@@ -117,3 +125,38 @@ def drop_narrative_code(nb):
 
 def raw(data: bytes):
     return lambda nb: data
+
+
+def tiers(cases: list[Case], *, hostile=(), full=()) -> list[Case]:
+    """Mark which cases go through nbgrader and the sandbox: ``hostile`` ones only there (attacks,
+    crashes, limits, tampered notebooks), ``full`` ones there *and* in the fast tier (the
+    reference with its narrative, the blank release, one mistake as a cross-check). Every other
+    case is graded by the fast tier only. Names must exist: a typo fails loudly."""
+    names = {c.name for c in cases}
+    unknown = (set(hostile) | set(full)) - names
+    assert not unknown, f"no such cases: {sorted(unknown)}"
+    for case in cases:
+        case.hostile = case.hostile or case.name in hostile
+        case.full = case.full or case.name in full
+    return cases
+
+
+def fast(*edits):
+    """Drop the demo cells (figures, measurements) first: most cases keep the corpus quick so."""
+    return then(drop_narrative_code, *edits)
+
+
+def reference_answers(chapter: str) -> dict[str, str]:
+    """The source notebook's answer cells with their solution blocks as plain code (a paste cell
+    excepted: its reference loads an earlier chapter's, which students do not have)."""
+    import re
+
+    from autograder.course import source_notebook
+    from autograder.notebook import read_cells, source
+
+    found = {}
+    for cell in read_cells(source_notebook(chapter)):
+        grade_id = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id", "")
+        if grade_id.endswith("_answer"):
+            found[grade_id] = re.sub(r"^\s*### (BEGIN|END) SOLUTION\n", "", source(cell), flags=re.M)
+    return found
