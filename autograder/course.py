@@ -15,7 +15,7 @@ SOLUTIONS = REPO / "solutions"
 NOTEBOOKS = REPO / "notebooks"
 
 #: The chapters, in order. Add a new chapter's id here (see docs/adding-a-chapter.md).
-CHAPTERS = ["ch01_attention", "ch02_masking", "ch03_multihead", "ch04_positions"]
+CHAPTERS = ["ch01_attention", "ch02_masking", "ch03_multihead", "ch04_positions", "ch05_encoder"]
 
 
 def notebook_in(folder: str | Path, chapter: str) -> Path:

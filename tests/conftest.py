@@ -41,6 +41,21 @@ def nbgrader(course: Path, *args: str, check: bool = True) -> subprocess.Complet
 
 def make_course(root: Path, chapters=CHAPTERS, cell_timeout: float = 10.0) -> Path:
     """A temporary nbgrader course whose source directory is the repository's solutions/."""
+    write_course_config(root, cell_timeout)
+    (root / "exchange").mkdir(exist_ok=True)
+    for chapter in chapters:
+        nbgrader(root, "generate_assignment", chapter, "--force")
+    return root
+
+
+def copy_course(template: Path, root: Path, cell_timeout: float = 10.0) -> Path:
+    """Another course with ``template``'s assignments (its gradebook and release), at ``root``."""
+    shutil.copytree(template, root, dirs_exist_ok=True)
+    write_course_config(root, cell_timeout)     # the copy's config must name the copy
+    return root
+
+
+def write_course_config(root: Path, cell_timeout: float) -> None:
     root.mkdir(parents=True, exist_ok=True)
     (root / "nbgrader_config.py").write_text(
         "from autograder.nbgrader_settings import configure\n"
@@ -50,10 +65,6 @@ def make_course(root: Path, chapters=CHAPTERS, cell_timeout: float = 10.0) -> Pa
         f"c.SandboxedGrading.cell_timeout = {cell_timeout}\n"
         f"c.SandboxedGrading.test_timeout = {3 * cell_timeout}\n"
         "c.SandboxedGrading.notebook_timeout = 240\n")
-    (root / "exchange").mkdir(exist_ok=True)
-    for chapter in chapters:
-        nbgrader(root, "generate_assignment", chapter, "--force")
-    return root
 
 
 def grade(course: Path, assignment: str) -> subprocess.CompletedProcess:

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, grade, make_course, needs_bwrap, needs_jupyter, scores
-from corpus import attacks, ch01, ch02, ch03, ch04
+from conftest import REPO, copy_course, grade, make_course, needs_bwrap, needs_jupyter, scores
+from corpus import attacks, ch01, ch02, ch03, ch04, ch05
 
 pytestmark = [needs_jupyter, needs_bwrap, pytest.mark.slow]
 
 # Each group is one course graded by one `grade` run; two run at a time (the machine has 2 cores).
 CORPORA = {"ch01_attention": ch01.CASES, "ch01_attacks": attacks.CASES, "ch02_masking": ch02.CASES,
-           "ch03_multihead": ch03.CASES, "ch04_positions": ch04.CASES}
+           "ch03_multihead": ch03.CASES, "ch04_positions": ch04.CASES,
+           "ch05_encoder": ch05.CASES}
 CHAPTER = {"ch01_attacks": "ch01_attention"}
 FULL_TIER = {group: [c for c in cases if c.through_nbgrader] for group, cases in CORPORA.items()}
 # A case that only makes sense on disk (a file name, planted files) is graded through nbgrader only.
@@ -60,7 +61,6 @@ SHARD, RUNS_AT_ONCE = 12, 3
 def graded(tmp_path_factory):
     """group -> {"courses", "scores", "runs", "times" (student -> s), "elapsed"}, each group graded
     in shards of SHARD submissions, one nbgrader course each."""
-    import shutil
     from concurrent.futures import ThreadPoolExecutor
 
     templates, shards = {}, []
@@ -69,8 +69,7 @@ def graded(tmp_path_factory):
         if chapter not in templates:
             templates[chapter] = make_course(tmp_path_factory.mktemp(chapter), chapters=[chapter], cell_timeout=10)
         for start in range(0, len(cases), SHARD):
-            course = tmp_path_factory.mktemp(f"{group}_{start // SHARD}")
-            shutil.copytree(templates[chapter], course, dirs_exist_ok=True)
+            course = copy_course(templates[chapter], tmp_path_factory.mktemp(f"{group}_{start // SHARD}"))
             for case in cases[start:start + SHARD]:
                 write_submission(course, chapter, case)
             shards.append((group, chapter, course))

@@ -11,7 +11,11 @@ SOFTMAX = ("softmax", "log_softmax", "Softmax", "LogSoftmax", "_softmax", "_log_
 ATTENTION = ("scaled_dot_product_attention", "_scaled_dot_product_attention_math",
              "MultiheadAttention", "multi_head_attention_forward")
 
-#: For chapters 4-7 (encoder, decoder, whole model).
-LAYER_NORM = ("layer_norm", "LayerNorm", "native_layer_norm", "RMSNorm", "rms_norm")
+#: For chapters 4-7 (encoder, decoder, whole model). Layer normalisation, and the other
+#: normalisation kernels that compute it after a reshape (group norm with one group, instance
+#: norm over the features, batch norm on the transposed rows).
+LAYER_NORM = ("layer_norm", "LayerNorm", "native_layer_norm", "RMSNorm", "rms_norm",
+              "group_norm", "GroupNorm", "native_group_norm", "instance_norm", "InstanceNorm1d",
+              "batch_norm", "BatchNorm1d", "native_batch_norm")
 TRANSFORMER_LAYERS = ("Transformer", "TransformerEncoder", "TransformerEncoderLayer",
                       "TransformerDecoder", "TransformerDecoderLayer")

@@ -13,7 +13,7 @@ import torch
 from .core import randn
 from .masks import masked_softmax
 
-__all__ = ["MHA_PARAMS", "split", "merge", "random_params", "mha_loop", "mha_variant", "torch_mha"]
+__all__ = ["MHA_PARAMS", "split", "merge", "random_params", "packed", "mha_loop", "mha_variant", "torch_mha"]
 
 MHA_PARAMS = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias",
               "v_proj.weight", "v_proj.bias", "out_proj.weight", "out_proj.bias")
@@ -54,6 +54,17 @@ def random_params(d_model: int, seed: int, device, dtype=torch.float32) -> dict:
                         seed=seed + i, device=device, dtype=dtype,
                         scale=scale if name.endswith("weight") else 0.1)
             for i, name in enumerate(MHA_PARAMS)}
+
+
+def packed(p: dict, prefix: str = "", to: str = "") -> dict:
+    """The eight tensors named as in :data:`MHA_PARAMS` (under ``prefix``) in the layout of
+    ``nn.MultiheadAttention`` (under ``to``): ``in_proj_weight`` stacks W_q, W_k, W_v as rows
+    [0:d], [d:2d], [2d:3d]. Built with ``torch.cat``, so gradients reach the separate tensors
+    (use it with ``torch.func.functional_call``)."""
+    def cat(kind):
+        return torch.cat([p[f"{prefix}{name}_proj.{kind}"] for name in "qkv"])
+    return {f"{to}in_proj_weight": cat("weight"), f"{to}in_proj_bias": cat("bias"),
+            f"{to}out_proj.weight": p[f"{prefix}out_proj.weight"], f"{to}out_proj.bias": p[f"{prefix}out_proj.bias"]}
 
 
 def mha_loop(p: dict, query, key, value, num_heads: int, mask=None):
@@ -111,11 +122,7 @@ def torch_mha(p: dict, query, key, value, num_heads: int, mask=None, average=Fal
     d_model = query.shape[-1]
     ref = torch.nn.MultiheadAttention(d_model, num_heads, batch_first=True).to(query.device, query.dtype)
     ref.eval()
-    ref.load_state_dict({
-        "in_proj_weight": torch.cat([p["q_proj.weight"], p["k_proj.weight"], p["v_proj.weight"]]),
-        "in_proj_bias": torch.cat([p["q_proj.bias"], p["k_proj.bias"], p["v_proj.bias"]]),
-        "out_proj.weight": p["out_proj.weight"], "out_proj.bias": p["out_proj.bias"],
-    })
+    ref.load_state_dict(packed(p))
     attn_mask = None
     if mask is not None:
         b, l_q, l_k = query.shape[0], query.shape[1], key.shape[1]
