@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
@@ -30,6 +29,7 @@ from nbclient import NotebookClient
 from .course import CHAPTERS, REPO, ensure_tools_on_path, notebook_in, released_notebook, source_notebook
 from .notebook import is_solution, is_test, source
 from .publish import STATIC, build_wheel, copy_mathjax, point_launch_buttons_at_notebooks
+from .startup import tool_command
 
 OUT = REPO / "book" / "_chapters"
 EDITIONS = ("student", "solutions")
@@ -181,7 +181,7 @@ def build(strict: bool = True, edition: str = "student", repository_url: str | N
         src = REPO / "_build" / "solutions" / "src"
         _stage_solutions_edition(src)
     dest = Path(dest) if dest else (REPO / "_build" / "html" if edition == "student" else REPO / "_build" / "solutions" / "html")
-    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(src)] + (["-W", "--keep-going"] if strict else [])
+    cmd = tool_command("jupyter-book", "build", str(src)) + (["-W", "--keep-going"] if strict else [])
     if edition == "solutions" or repository_url or dest != REPO / "_build" / "html":
         work = dest.parent / "_jb"
         work.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,9 @@ sys.path.insert(0, str(REPO))
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 from autograder.chapters import CHAPTERS  # noqa: E402
+from autograder.startup import skip_iri_format_check, tool_command  # noqa: E402
+
+skip_iri_format_check()   # this process opens notebooks too
 
 
 def has_jupyter() -> bool:
@@ -32,7 +35,7 @@ needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bu
 
 
 def nbgrader(course: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [str(Path(sys.executable).parent / "nbgrader"), *args]
+    cmd = tool_command("nbgrader", *args)
     result = subprocess.run(cmd, cwd=course, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"nbgrader {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")

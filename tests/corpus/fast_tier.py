@@ -92,7 +92,9 @@ def _child(path: Path, chapter, base_ns: dict, write_fd: int) -> None:
 
 def main(*jobs: str) -> int:
     """``jobs``: ``CHAPTER=DIR`` pairs; prints ``{DIR: {case: result}}``."""
-    import nbformat  # noqa: F401 - imported once, before forking (3 s with its schema tools)
+    from autograder.startup import skip_iri_format_check
+    skip_iri_format_check()
+    import nbformat  # noqa: F401 - imported once, before forking
     import torch  # noqa: F401
     # Imported lazily by torch on first use, once per process: here, not once per child.
     import torch._dynamo  # noqa: F401 - by some ops on the meta device (1.7 s)
