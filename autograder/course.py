@@ -15,7 +15,8 @@ SOLUTIONS = REPO / "solutions"
 NOTEBOOKS = REPO / "notebooks"
 
 #: The chapters, in order. Add a new chapter's id here (see docs/adding-a-chapter.md).
-CHAPTERS = ["ch01_attention", "ch02_masking", "ch03_multihead", "ch04_positions", "ch05_encoder"]
+CHAPTERS = ["ch01_attention", "ch02_masking", "ch03_multihead", "ch04_positions", "ch05_encoder",
+            "ch06_decoder"]
 
 
 def notebook_in(folder: str | Path, chapter: str) -> Path:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from . import forbidden
-from .core import (CheckFailure, Mistake, call, devices, expect_close, expect_module, expect_tensor, fail,
+from .layers import compare_by_role
+from .core import (CheckFailure, Mistake, call, expect_close, expect_module, expect_tensor, fail,
                    on_devices, passed, randn)
 from .gradients import expect_grads_close, grads
 from .masks import padding
@@ -1088,39 +1089,11 @@ def _names_of(kind: str, init_args: tuple, init_kwargs: dict):
 
 def compare_with_reference_weights(kind: str, student_cls, reference_cls, init_args: tuple, inputs, *, what: str,
                                    init_kwargs: dict | None = None, seeds=(0, 1)) -> int:
-    """Build the student's and the reference module (``kind``: layer_norm, feed_forward,
-    encoder_layer, encoder), give both the same random weights by role, and compare outputs and
-    gradients (inputs and every parameter) in eval mode. ``inputs(dtype, device, seed)`` -> forward args."""
+    """Hidden tests: :func:`compare_by_role` for ``kind`` (layer_norm, feed_forward,
+    encoder_layer, encoder); these shallow modules compare gradients in float32 too.
+    ``inputs(dtype, device, seed)`` -> forward args."""
     __tracebackhide__ = True
     init_kwargs = init_kwargs or {}
-    names_of = _names_of(kind, init_args, init_kwargs)
-    label0 = f"{what}{init_args}"
-    count = 0
-    for seed in seeds:
-        for dtype in (torch.float32, torch.float64):
-            for device in devices():
-                label = f"{what} (hidden seed {seed}, {dtype}, {device})"
-                stu = _build(student_cls, init_args, init_kwargs, label0)
-                ref = reference_cls(*init_args, **init_kwargs)
-                s_names, r_names = names_of(stu, label0), names_of(ref, "the reference")
-                stu, ref = stu.to(device=device, dtype=dtype).eval(), ref.to(device=device, dtype=dtype).eval()
-                shapes = {k: tuple(dict(ref.named_parameters())[v].shape) for k, v in r_names.items()}
-                canon = {k: _random_value(k, shapes[k], seed * 1000 + i, device, dtype)
-                         for i, k in enumerate(sorted(shapes))}
-                _load(stu, {s_names[k]: t for k, t in canon.items()}, label0)
-                ref.load_state_dict({**ref.state_dict(), **{r_names[k]: t for k, t in canon.items()}})
-                args = inputs(dtype, device, seed)
-                s_args = tuple(_leaf(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-                r_args = tuple(_leaf(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-                got = call(stu, *s_args, what=label)
-                want = ref(*r_args)
-                expect_tensor(got, label, shape=want.shape, dtype=dtype, device=device)
-                expect_close(got, want, label, dtype=dtype)
-                s_params, r_params = dict(stu.named_parameters()), dict(ref.named_parameters())
-                wrt_s = {**{f"input {i}": a for i, a in enumerate(s_args) if isinstance(a, torch.Tensor)
-                            and a.requires_grad}, **{k: s_params[v] for k, v in s_names.items()}}
-                wrt_r = {**{f"input {i}": a for i, a in enumerate(r_args) if isinstance(a, torch.Tensor)
-                            and a.requires_grad}, **{k: r_params[v] for k, v in r_names.items()}}
-                count += 1 + expect_grads_close(got, want, wrt_s, wrt_r, f"the output of {label}", seed=seed + 5,
-                                                dtype=dtype)
-    return count
+    return compare_by_role(_names_of(kind, init_args, init_kwargs), student_cls, reference_cls, init_args,
+                           inputs, what=what, random_value=_random_value, load=_load,
+                           init_kwargs=init_kwargs, seeds=seeds, grad_dtypes=(torch.float32, torch.float64))
