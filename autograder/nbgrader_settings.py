@@ -3,7 +3,7 @@
 ``nbgrader_config.py`` at the repository root calls :func:`configure` with the repository as the
 course root: ``solutions/`` is nbgrader's *source* directory and ``notebooks/`` its *release*
 directory. Submissions, autograded copies, feedback and ``gradebook.db`` also go under the root
-(they are git-ignored).
+(they are git-ignored). The gradebook may instead be a PostgreSQL database (``db_url``).
 """
 from __future__ import annotations
 
@@ -11,25 +11,32 @@ from pathlib import Path
 
 
 def configure(c, root: str | Path, source: str = "solutions", release: str = "notebooks",
-              exchange: str | Path | None = None) -> None:
+              exchange: str | Path | None = None, db_url: str | None = None) -> None:
+    """``db_url``: the gradebook (nbgrader's ``db_url``, e.g. ``postgresql://user@host/db``);
+    default ``sqlite:///<root>/gradebook.db``."""
     from nbconvert.preprocessors import ClearMetadataPreprocessor, CSSHTMLHeaderPreprocessor
     from nbgrader.preprocessors import (AssignLatePenalties, CheckCellMetadata, ClearHiddenTests,
-                                        GetGrades, IgnorePattern, LimitOutput, SaveAutoGrades)
+                                        ClearOutput, DeduplicateIds, GetGrades, IgnorePattern,
+                                        LimitOutput, OverwriteKernelspec, SaveAutoGrades)
 
     from .feedback import feedback_exporter
-    from .nbgrader_plugin import SandboxedGrading
+    from .nbgrader_plugin import RestoreTestCells, SandboxedGrading
 
     root = Path(root).resolve()
     c.CourseDirectory.root = str(root)
     c.CourseDirectory.source_directory = source
     c.CourseDirectory.release_directory = release
     c.CourseDirectory.course_id = "attention-from-scratch"
-    c.CourseDirectory.db_url = f"sqlite:///{root / 'gradebook.db'}"
+    c.CourseDirectory.db_url = db_url or f"sqlite:///{root / 'gradebook.db'}"
     # Student notebooks saved under another kernel name must still grade.
     c.Execute.kernel_name = "python3"
     c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
     # A submission that deleted a test or answer cell gets it back instead of "needs manual grading".
     c.OverwriteCells.add_missing_cells = True
+    # nbgrader's sanitising steps, with OverwriteCells told apart from tampering (an untouched
+    # test cell no longer "has changed!" because the release removed its hidden tests).
+    c.Autograde.sanitize_preprocessors = [ClearOutput, DeduplicateIds, OverwriteKernelspec,
+                                          RestoreTestCells, CheckCellMetadata]
     # Student code runs in a sandbox; verdicts are decided outside it (autograder.grade).
     c.Autograde.autograde_preprocessors = [SandboxedGrading, IgnorePattern, ClearMetadataPreprocessor,
                                            LimitOutput, SaveAutoGrades, AssignLatePenalties,
