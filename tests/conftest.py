@@ -12,6 +12,16 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# One thread per process, here and in every process the tests start (grading runs, nbgrader, the
+# book's kernels inherit it). The suite runs two workers on two cores, each starting graders and
+# sandboxes: with torch's default of one thread per core, small ops spin-wait on a thread another
+# process holds, and the check tests ran 4x slower whenever anything else was busy (measured:
+# tests/test_ch06_checks.py 69 s instead of 16 s beside one busy process).
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+if "torch" in sys.modules:
+    sys.modules["torch"].set_num_threads(1)
+
 # nbgrader shells out to `alembic`: put this environment's scripts first on PATH.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 

@@ -108,10 +108,10 @@ def test_parameters_travel_once(tmp_path, monkeypatch):
     sent = []
     real = process.Sandbox.request
 
-    def spy(self, msg, timeout=None):
+    def spy(self, msg, timeout=None, **kw):
         if msg.get("op") == "call":
             sent.append((len(msg.get("sync", [])), len(msg.get("tensors", []))))
-        return real(self, msg, timeout)
+        return real(self, msg, timeout, **kw)
 
     monkeypatch.setattr(process.Sandbox, "request", spy)
     remote, _ = through_sandbox(tmp_path, seam_checks.STUDENT, seam_checks.TRAINING)
@@ -210,3 +210,46 @@ lazy = Cheat(dropout=0.0).eval()                      # never trained in the not
     assert fooled > 0.9                               # calling it does look trained...
     with pytest.raises(seam_checks.CheckFailure):
         seam_checks.check_trained(lazy)               # ...but its weights, as left, are not
+
+
+MEMORY = '''
+import torch
+def full_scores(q, k):                 # forms the L x L matrix
+    return (q @ k.T).softmax(-1).sum(-1)
+def blocked_scores(q, k, block=128):   # never holds more than block x L
+    return torch.cat([(q[i:i + block] @ k.T).softmax(-1).sum(-1) for i in range(0, len(q), block)])
+def lying_scores(q, k):                # forms it, then tries to make the figure say otherwise
+    import autograder.checks.memory as m
+    m.measure = lambda fn, *a, **k: (fn(*a, **k), 0)
+    open("/proc/self/clear_refs", "w").write("5")
+    return full_scores(q, k)
+'''
+
+
+def _peaks(fns):
+    """Peak growth (MiB) of each function's first call on L = 4096 inputs, measured in a
+    ``peak_memory`` block."""
+    from autograder.checks.memory import measure_call, peak_memory
+    q = torch.randn(4096, 16)
+    found = {}
+    for name, fn in fns.items():
+        with peak_memory() as meter:
+            measure_call(fn, q, q)
+        found[name] = None if meter.bytes is None else meter.bytes / 2**20
+    return found
+
+
+def test_peak_memory_in_process():
+    ns: dict = {}
+    exec(MEMORY, ns)  # noqa: S102
+    got = _peaks({n: ns[n] for n in ("full_scores", "blocked_scores")})
+    assert got["full_scores"] >= 64 and got["blocked_scores"] < 16, got   # 4096^2 float32 = 64 MiB
+
+
+@needs_bwrap
+def test_peak_memory_through_the_sandbox_is_measured_from_outside(hostile_sandbox):
+    from autograder.sandbox.proxy import Session, make_proxy
+    assert hostile_sandbox.run_cell(MEMORY).status == "ok"
+    session = Session(hostile_sandbox)
+    got = _peaks({n: make_proxy(session, n, "") for n in ("full_scores", "blocked_scores", "lying_scores")})
+    assert got["full_scores"] >= 64 and got["lying_scores"] >= 64 and got["blocked_scores"] < 16, got

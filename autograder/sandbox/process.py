@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
+from ..checks.memory import status_kib
 from . import wire
-from .identity import Identity, IdentityUnavailable, student_identity
+from .identity import IdentityUnavailable, student_identity
 from .watchdog import Watchdog, descendants, stat_fields
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent   # .../autograder
@@ -106,6 +107,7 @@ class Sandbox:
         self.data_files = list(data_files or [])
         self.history: list[tuple[str, float | None]] = []   # (cell, time limit) that completed, replayed after a restart
         self.restarts = 0
+        self.last_peak_bytes: int | None = None    # of the last request made with measure_memory
         self.proc: subprocess.Popen | None = None
         self._cuda = torch.cuda.is_available()
         self._scratch = Path(tempfile.mkdtemp(prefix="afs-sandbox-"))
@@ -317,14 +319,18 @@ class Sandbox:
             left -= len(b)
         return b"".join(chunks)
 
-    def request(self, msg: dict, timeout: float | None = None) -> dict:
+    def request(self, msg: dict, timeout: float | None = None, measure_memory: bool = False) -> dict:
         """Send one request and return the validated reply. Raise SandboxTimeout when the
         grader's clock ran out (an answer that is an error and came at or after ``timeout`` is
-        the runner's alarm, whatever it says), SandboxFailure on a crash or a malformed reply."""
+        the runner's alarm, whatever it says), SandboxFailure on a crash or a malformed reply.
+        With ``measure_memory``, ``last_peak_bytes`` is then the request's peak memory growth in
+        the student's processes, as their kernel counts it (or None), whatever they report."""
         if not self.alive:
             raise SandboxFailure("the student's process is not running")
         timeout = self.limits.cell_seconds if timeout is None else max(0.01, timeout)
-        msg = dict(msg, timeout=timeout)
+        msg = dict(msg, timeout=timeout, measure_memory=measure_memory)
+        self.last_peak_bytes = None
+        resident = self._reset_peaks() if measure_memory else None
         start = time.monotonic()
         deadline = start + timeout + 5.0   # grace: the runner's own alarm fires first
         try:
@@ -342,12 +348,39 @@ class Sandbox:
             raise SandboxFailure(f"the student's process {self._death()}") from None
         except wire.WireError as exc:
             raise SandboxFailure(str(exc)) from None
+        if resident is not None:
+            self.last_peak_bytes = self._peak_growth(resident)
         if type(reply) is not dict or type(reply.get("ok")) is not bool:
             raise SandboxFailure("the student's process sent a malformed answer")
         failed = not reply["ok"] or reply.get("error") is not None
         if failed and time.monotonic() - start >= timeout:
             raise SandboxTimeout(f"timed out after {timeout:g} s")
         return reply
+
+    def _reset_peaks(self) -> dict[int, int] | None:
+        """Reset the resident-set high-water mark of the sandbox's own processes (bubblewrap's
+        init and the runner); their resident sets now (KiB), or None where that is impossible."""
+        resident = {}
+        for pid in self._own:
+            try:
+                with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as f:
+                    f.write("5")
+            except OSError:
+                return None
+            rss = status_kib(pid, "VmRSS")
+            if rss is None:
+                return None
+            resident[pid] = rss
+        return resident
+
+    def _peak_growth(self, resident: dict[int, int]) -> int | None:
+        total = 0
+        for pid, rss in resident.items():
+            peak = status_kib(pid, "VmHWM")
+            if peak is None:
+                return None
+            total += max(0, peak - rss)
+        return total * 1024
 
     def text(self, reply: dict, key: str) -> str:
         """A string field of a reply, as the grader may show it: clipped, valid UTF-8."""

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..checks.core import CheckFailure
+from ..checks.memory import ACTIVE as ACTIVE_METER
 from . import wire
 from .codec import HANDLE, MODULE, CodecError, dtype_or_device, flatten, rebuild
 from .process import Sandbox, SandboxFailure, SandboxTimeout
@@ -100,6 +101,15 @@ class Session:
         self._call_ids = itertools.count(1)
 
     def ask(self, msg: dict) -> dict:
+        """One request; inside a ``checks.memory.peak_memory()`` block, a call's peak memory
+        is measured by the grader from outside the student's process and added to the block's meter."""
+        meter = ACTIVE_METER.get() if msg.get("op") == "call" else None
+        reply = self._ask(msg, meter is not None)
+        if meter is not None:
+            meter.add(self.sandbox.last_peak_bytes)
+        return reply
+
+    def _ask(self, msg: dict, measure_memory: bool) -> dict:
         timeout = self.sandbox.limits.cell_seconds
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
@@ -107,7 +117,7 @@ class Session:
                 raise OutOfTime()
             timeout = min(timeout, left)
         try:
-            reply = self.sandbox.request(msg, timeout=timeout)
+            reply = self.sandbox.request(msg, timeout=timeout, measure_memory=measure_memory)
         except SandboxTimeout as exc:
             if self.deadline is not None and time.monotonic() >= self.deadline:
                 raise OutOfTime() from None
@@ -240,6 +250,7 @@ def _retensor(tree, swap: dict):
 
 class _Remote:
     """Common part of proxies: the trusted copy of the student's source for forbid checks."""
+    __afs_remote__ = True
 
     def __init__(self, session: Session, name: str, scope_source: str):
         self._session, self.__name__, self._scope_source = session, name, scope_source
@@ -278,6 +289,7 @@ CONTAINERS = {"torch.nn.modules.container.ModuleList", "torch.nn.modules.contain
 
 class RemoteModule(nn.Module):
     """A mirror of one of the student's modules (or submodules) living in the sandbox."""
+    __afs_remote__ = True
 
     def __init__(self, session: Session, root: int, path: str, type_name: str):
         super().__init__()
@@ -358,6 +370,7 @@ class RemoteContainer(RemoteModule):
 
 class RemoteMethod:
     """A public method of the student's module, called on the sandbox's copy."""
+    __afs_remote__ = True
 
     def __init__(self, module: RemoteModule, name: str):
         self._module, self.__name__ = module, name
