@@ -10,7 +10,6 @@ import collections
 import io
 import pickle
 import struct
-import time
 import tracemalloc
 import zipfile
 
@@ -119,14 +118,13 @@ def shared_bomb(depth: int, fan_out: int):
     return obj
 
 
-def cheap(fn, *args, seconds=2.0, megabytes: int | None = 50):
-    """Run fn, expecting a WireError, timed; then again under tracemalloc (which slows Python
-    down several times) for its peak memory, unless megabytes is None."""
-    start = time.perf_counter()
+def cheap(fn, *args, megabytes: int | None = 50):
+    """Run fn, expecting a WireError; then again under tracemalloc for its peak memory, unless
+    megabytes is None. Return the error's message. Time is not asserted (tests time nothing): the
+    reader's work is bounded by its budgets (values visited, depth, bytes), and the message says
+    which budget refused the input; bench/seam.py measures speed."""
     with pytest.raises(WireError) as info:
         fn(*args)
-    elapsed = time.perf_counter() - start
-    assert elapsed < seconds, f"took {elapsed:.1f} s"
     if megabytes is None:
         return str(info.value)
     tracemalloc.start()
@@ -376,7 +374,7 @@ def test_depth_is_limited():
 def test_very_deep_nesting_does_not_reach_the_recursion_limit():
     depth = 100_000
     pkl = b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."   # built without recursion
-    assert "nested too deeply" in cheap(read_message, archive(pkl), seconds=5, megabytes=None)
+    assert "nested too deeply" in cheap(read_message, archive(pkl), megabytes=None)
     deep = torch_load(archive(pkl))
     with pytest.raises(WireError, match="nested too deeply"):   # no RecursionError on the way
         wire.validate(deep, MessageLimits(max_depth=depth - 1, max_nodes=depth))
@@ -399,9 +397,9 @@ def test_number_of_values_is_limited():
 
 def test_many_small_objects_are_cheap_to_refuse():
     pkl = b"\x80\x02]" + b"]a" * (MiB // 2 - 2) + b"."   # half a million lists, within 1 MiB
-    assert "too many values" in cheap(read_message, archive(pkl), seconds=10, megabytes=None)
+    assert "too many values" in cheap(read_message, archive(pkl), megabytes=None)
     pkl = b"\x80\x02]" + b"]a" * MiB + b"."               # beyond the pickle limit: not even read
-    assert "structure is too large" in cheap(read_message, archive(pkl), seconds=1)
+    assert "structure is too large" in cheap(read_message, archive(pkl))
 
 
 def test_string_length_is_limited():
@@ -485,9 +483,7 @@ def test_clean_text():
     assert clean_text("\U0001f600 é", 10) == "\U0001f600 é"   # real characters are kept
     assert clean_text(None, 10) == "None" and clean_text(12345, 3).startswith("123\n[... 2 more")
     long = "x" * 10**7
-    start = time.perf_counter()
     assert len(clean_text(long, 100)) < 200
-    assert time.perf_counter() - start < 0.5
 
 
 def test_dtype_and_device_markers_rebuild_only_dtypes_and_devices():

@@ -104,6 +104,8 @@ class Session:
         """One request; inside a ``checks.memory.peak_memory()`` block, a call's peak memory
         is measured by the grader from outside the student's process and added to the block's meter."""
         meter = ACTIVE_METER.get() if msg.get("op") == "call" else None
+        if meter is not None:
+            self._ask({"op": "release_memory"}, False)
         reply = self._ask(msg, meter is not None)
         if meter is not None:
             meter.add(self.sandbox.last_peak_bytes)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from .ch05 import ENCODER_DEEPCOPY, FF_SEQUENTIAL, LAYER_HELPER, LN_UNBIASED, LN_VAR_MEAN
 from .ch05 import PASTE as MHA_PASTE
 from .ch05 import swap
-from .common import Case, answers, delete, drop_narrative_code, reference_answers, then, tiers
+from .common import Case, answers, fast, reference_answers, tiers
 
 EXERCISES = ("decoder_layer_tests", "decoder_tests", "decoder_inputs_tests")
 FULL = dict(zip(EXERCISES, (5.0, 3.0, 2.0)))
@@ -187,11 +187,6 @@ OK = dict(mha_from_ch03=MHA_PASTE, encoder_from_ch05=ENCODER_PASTE, decoder_laye
 
 def ok(**overrides):
     return answers(**{**OK, **overrides})
-
-
-def fast(*edits):
-    """Drop the demo cells and the training cell (students may delete cells): keeps the corpus quick."""
-    return then(drop_narrative_code, delete("train_reverser"), *edits)
 
 
 def reference_with_pastes(nb):

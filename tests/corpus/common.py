@@ -116,10 +116,32 @@ def duplicate(grade_id: str):
     return edit
 
 
+def _graded_names() -> dict[str, set[str]]:
+    """training cell grade_id -> the names it assigns that some test cell grades (a trained
+    ``model``), over every chapter's source notebook."""
+    global _GRADED
+    if _GRADED is None:
+        from autograder.course import CHAPTERS, source_notebook
+        from autograder.notebook import assigned_names, is_training, read_cells, read_chapter, source
+        _GRADED = {}
+        for chapter in CHAPTERS:
+            api = set(read_chapter(source_notebook(chapter)).api)
+            for cell in read_cells(source_notebook(chapter)):
+                if is_training(cell):
+                    _GRADED[gid(cell)] = set(assigned_names(source(cell))) & api
+    return _GRADED
+
+
+_GRADED: dict[str, set[str]] | None = None
+
+
 def drop_narrative_code(nb):
-    """Remove the demo/figure code cells (students may delete cells; it keeps the corpus fast)."""
+    """Remove the demo/figure code cells, and the training demos no test grades (students may
+    delete cells; it keeps the corpus fast). A training cell whose result is graded stays."""
     nb = copy.deepcopy(nb)
-    nb.cells = [c for c in nb.cells if c.cell_type != "code" or gid(c) is not None]
+    graded = _graded_names()
+    nb.cells = [c for c in nb.cells if c.cell_type != "code"
+                or (gid(c) is not None and (gid(c) not in graded or graded[gid(c)]))]
     return nb
 
 
