@@ -17,7 +17,7 @@ from traitlets import Bool, Float, Integer
 
 from .grading_jobs import GradingJob, ResultCache, passed, replay, run_job
 from .notebook import read_chapter
-from .sandbox.process import Limits
+from .sandbox.limits import Limits
 
 
 class SandboxedGrading(NbGraderPreprocessor):

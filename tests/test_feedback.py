@@ -371,3 +371,19 @@ def test_untouched_release_keeps_its_layout_and_mathjax(graded):
     assert f"<script>{MATHJAX_CONFIG}</script>" in page and f'<script src="{MATHJAX_BASE}' in page
     assert "text/x-mathjax-config" not in page
     assert "Test cell" in page and "softmax" in page
+
+
+def test_a_huge_code_cell_is_clipped_in_the_feedback_page():
+    """Highlighting is what makes a page slow: a 400 000-character attribute chain took 80 s to
+    export and made a 10 MB page. The page shows its start and says what was left out."""
+    import nbformat
+
+    from autograder.feedback import FEEDBACK_SOURCE_CHARS, feedback_exporter
+
+    chain = "x = torch" + ".T" * 200_000
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(chain), nbformat.v4.new_code_cell("y = 1")])
+    exporter = feedback_exporter()()
+    exporter.sanitize_html = True
+    page, _ = exporter.from_notebook_node(nb)
+    assert "characters of this cell are not shown in the feedback page" in page
+    assert len(page) < 40 * FEEDBACK_SOURCE_CHARS and "y</span>" in page

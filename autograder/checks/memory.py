@@ -25,6 +25,13 @@ total allocated rather than the live peak (measured: a 128-row tiled loop at L =
 in a fresh process, 48-68 MiB after a long test session). Kernels and sandboxes that run a
 chapter from the top are close to fresh; checks should keep a wide margin (the L x L matrix of
 a naive version is 64 MiB at L = 4096, 256 MiB at L = 8192).
+
+Known hole: the high-water mark lives in the student's own process, which may reset it itself
+(``/proc/self/clear_refs``) after forming the matrix and before the grader reads it. Chapter 8's
+check refuses code that names the meter (``tampers_with_memory_meter``), but a name built at run
+time gets through (``tests/corpus/ch08.py``, ``KNOWN_HOLES``). Closing it needs a mark the
+student cannot touch: a memory cgroup per sandbox (``memory.peak`` on cgroup v2,
+``memory.max_usage_in_bytes`` on v1), which the grading machine must delegate to the grader.
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ import torch
 from ..checks.memory import status_kib
 from . import wire
 from .identity import IdentityUnavailable, student_identity
+from .limits import Limits  # noqa: F401 - re-exported: callers build Limits from here
 from .watchdog import Watchdog, descendants, stat_fields
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent   # .../autograder
@@ -39,22 +40,6 @@ PACKAGE_MOUNT = "/opt/afs"
 SYSTEM_DIRS = ("/usr", "/etc", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
 RUNNER = ("import sys; sys.path.insert(0, '/opt/afs'); import runpy; "
           "runpy.run_module('autograder.sandbox.runner', run_name='__main__', alter_sys=True)")
-
-
-@dataclass
-class Limits:
-    memory_bytes: int = 6 * 2**30       # per process (address space) and all processes together
-    cpu_seconds: int = 600              # CPU time of one student process
-    file_bytes: int = 64 * 2**20        # largest file the student may write
-    disk_bytes: int = 512 * 2**20       # all files written (/tmp, work folder, /dev/shm) together
-    processes: int = 64                 # processes (and threads) at once
-    cell_seconds: float = 30.0          # one cell or one call
-    test_seconds: float = 120.0         # one test cell, all its calls together
-    startup_seconds: float = 90.0       # start-up (python + torch import)
-    message_bytes: int = 256 * 2**20    # largest answer accepted back
-    output_chars: int = 20_000          # output kept per cell (counted by the grader)
-    notebook_output_chars: int = 1_000_000   # output kept per notebook, all cells together
-    threads: int = 1                    # OMP/MKL threads inside the sandbox
 
 
 class SandboxFailure(Exception):
