@@ -16,7 +16,7 @@ NOTEBOOKS = REPO / "notebooks"
 
 #: The chapters, in order. Add a new chapter's id here (see docs/adding-a-chapter.md).
 CHAPTERS = ["ch01_attention", "ch02_masking", "ch03_multihead", "ch04_positions", "ch05_encoder",
-            "ch06_decoder"]
+            "ch06_decoder", "ch07_translation", "ch08_efficient"]
 
 
 def notebook_in(folder: str | Path, chapter: str) -> Path:

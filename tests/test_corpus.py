@@ -17,14 +17,15 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, copy_course, grade, make_course, needs_bwrap, needs_jupyter, scores
-from corpus import attacks, ch01, ch02, ch03, ch04, ch05, ch06
+from corpus import attacks, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08
 
 pytestmark = [needs_jupyter, needs_bwrap, pytest.mark.slow]
 
 # Each group is one course graded by one `grade` run; two run at a time (the machine has 2 cores).
 CORPORA = {"ch01_attention": ch01.CASES, "ch01_attacks": attacks.CASES, "ch02_masking": ch02.CASES,
            "ch03_multihead": ch03.CASES, "ch04_positions": ch04.CASES,
-           "ch05_encoder": ch05.CASES, "ch06_decoder": ch06.CASES}
+           "ch05_encoder": ch05.CASES, "ch06_decoder": ch06.CASES,
+           "ch07_translation": ch07.CASES, "ch08_efficient": ch08.CASES}
 CHAPTER = {"ch01_attacks": "ch01_attention"}
 FULL_TIER = {group: [c for c in cases if c.through_nbgrader] for group, cases in CORPORA.items()}
 # A case that only makes sense on disk (a file name, planted files) is graded through nbgrader only.
