@@ -182,7 +182,7 @@ class Sandbox:
         data_dir.chmod(0o755)
         try:
             self._identity = student_identity()
-        except IdentityUnavailable as exc:
+        except (IdentityUnavailable, OSError) as exc:
             raise SandboxUnavailable(str(exc)) from None
         to_child_r, self._to_child = os.pipe()
         self._from_child, from_child_w = os.pipe()
