@@ -818,3 +818,13 @@ def test_compare_module_with_a_python_bool_argument():
         lambda dtype, device, seed: (randn(2, 3, seed=seed, dtype=dtype, device=device), True),
         what="ScaledLinear")
     assert n == 2 * 2 * len(core.devices()) * (1 + 3)
+
+
+def test_gradients_of_a_scalar_loss_compare():
+    """A loss is 0-d: its random upstream gradient has shape () (it once raised inside randn)."""
+    from autograder.checks.gradients import expect_grads_close
+    x = torch.randn(3, requires_grad=True)
+    y = x.detach().clone().requires_grad_()
+    assert expect_grads_close((x ** 2).sum(), (y ** 2).sum(), [x], [y], "a loss") == 1
+    with pytest.raises(CheckFailure):
+        expect_grads_close((x ** 3).sum(), (y ** 2).sum(), [x], [y], "a loss")

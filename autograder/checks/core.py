@@ -182,7 +182,8 @@ def randn(*shape: int, seed: int, dtype=torch.float32, device="cpu", scale: floa
           requires_grad: bool = False) -> torch.Tensor:
     """Reproducible normal inputs; the same seed gives the same values on every device."""
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+    # shape () too: the upstream gradient of a 0-d loss
+    x = (torch.randn(tuple(shape), generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
     return x.requires_grad_(requires_grad)
 
 
