@@ -81,13 +81,23 @@ def defined_names(code: str) -> list[str]:
 
 
 def assigned_names(code: str) -> list[str]:
-    """Top-level names a cell binds by ``def``, ``class`` or a plain assignment."""
+    """Top-level names a cell binds by ``def``, ``class`` or an assignment, unpacking included
+    (``model, history = train()``)."""
     tree = safe_parse(strip_magics(code))
-    names = []
+    names: list[str] = []
+
+    def bind(target) -> None:
+        if isinstance(target, ast.Name):
+            names.append(target.id)
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            for element in target.elts:
+                bind(element.value if isinstance(element, ast.Starred) else element)
+
     for stmt in tree.body if tree is not None else []:
         targets = stmt.targets if isinstance(stmt, ast.Assign) else \
             [stmt.target] if isinstance(stmt, (ast.AnnAssign, ast.AugAssign)) else []
-        names += [t.id for t in targets if isinstance(t, ast.Name)]
+        for target in targets:
+            bind(target)
     return list(dict.fromkeys(defined_names(code) + names))
 
 

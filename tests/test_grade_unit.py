@@ -91,3 +91,10 @@ def test_the_package_nbgrader_loads_is_not_the_working_directorys(tmp_path):
     shutil.copytree(REPO / "autograder", tmp_path / "autograder", ignore=shutil.ignore_patterns("__pycache__"))
     seen = _package_seen_by_nbgrader(tmp_path)
     assert seen is not None and Path(seen).resolve() == (REPO / "autograder").resolve(), (seen, sys.executable)
+
+
+def test_a_training_cell_binds_names_by_unpacking_too():
+    """``model, history = train()`` in a training cell hands both names to the next test cell."""
+    from autograder.notebook import assigned_names
+    code = "model, (history, *rest) = train()\nsteps: int = 3\nsteps += 1\n[a, b] = 1, 2\ndef f(): pass\n"
+    assert assigned_names(code) == ["f", "model", "history", "rest", "steps", "a", "b"]
