@@ -6,8 +6,7 @@ they run; the classic mistakes get exactly the points their working exercises de
 decoding built on a failing model, loss or schedule fail too, and the message names the culprit); a
 model that was never trained, or trained in the wrong direction, gets no points for exercise 6;
 hostile code (a model whose own answers are looked up from the data module while its weights are
-untrained, a model that changes itself between calls, a beam search that never returns) loses only
-what it breaks.
+untrained) loses only what it breaks.
 
 Every submission pastes its own chapter 3-6 modules (from those chapters' corpora) into the four
 paste cells. The training cell is locked: nbgrader restores it as released in every submission it
@@ -79,7 +78,6 @@ class Transformer(nn.Module):
 MODEL_NOT_TIED = swap(MODEL_TIED_FIRST, "        self.generator.weight = self.embed.embedding.weight          # tied first\n",
                       "")
 
-# Right on its first call; every call then shrinks its own shared embedding.
 # ---- exercise 2 ---------------------------------------------------------------------------------
 
 LOSS_EXPLICIT_Q = '''
