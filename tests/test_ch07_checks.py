@@ -541,6 +541,27 @@ def test_an_untrained_model_gets_no_points():
         ch07.grade_trained_with_reference(untrained, R7, seed=5, n=50)
 
 
+def test_a_model_whose_own_methods_look_the_answers_up_gets_no_points():
+    """Graded by its weights alone: an untrained model whose forward, translate and greedy decoding
+    return the right sentences (looked up in the data module) still gets 0. (Through the sandbox,
+    test_seam grades an object an earlier cell trained by the same state_dict path.)"""
+    torch.manual_seed(0)
+    sizes, vocab = ch07.TRAINED, R7.Vocab(toy_language.vocabulary())
+    cheat = R7.Transformer(len(toy_language.vocabulary()), sizes["num_layers"], sizes["d_model"],
+                           sizes["num_heads"], sizes["d_ff"], 0.0, 64).eval()
+    table = {tuple(vocab.encode(s)): vocab.encode(t) for split in toy_language.splits().values() for s, t in split}
+
+    def looked_up(src, max_len, *args, **kwargs):
+        out = torch.full((src.shape[0], max_len), R7.PAD, dtype=torch.long)
+        for i, row in enumerate(src.tolist()):
+            ids = table.get(tuple(t for t in row if t != R7.PAD), [R7.END])[:max_len]
+            out[i, :len(ids)] = torch.tensor(ids)
+        return out
+
+    cheat.translate = cheat.greedy = cheat.forward = looked_up
+    assert mistake_of(check_trained_model, cheat) == "model_not_trained_enough"
+
+
 def test_a_model_of_other_sizes_or_none_is_named():
     wrong = R7.Transformer(len(toy_language.vocabulary()), 1, 16, 4, 64, 0.0, 64)
     assert mistake_of(check_trained_model, wrong) == "wrong_parameter_shape"

@@ -364,4 +364,4 @@ tiers(CASES, hostile={
     "ships_torch_py_and_sitecustomize", "infinite_loop_in_cell", "infinite_loop_in_function", "allocates_50_gb",
     "os_exit_in_later_cell", "segfault", "sys_exit", "calls_input", "prints_ten_million_lines",
     "forbidden_builtins", "forbidden_via_getattr", "honest_with_warning_on_stderr", "honest_other_kernel_name"},
-    full={"honest_reference_style", "untouched_release", "global_max_softmax"})
+    full={"honest_reference_style", "untouched_release"})

@@ -475,5 +475,4 @@ print(sum(p.numel() for p in mine.parameters()), sum(p.numel() for p in theirs.p
 
 CASES += REGRESSIONS
 
-tiers(CASES, full={"honest_full_narrative", "untouched_release", "reshape_without_transpose",
-                   "pasted_attention_is_torch_sdpa"})
+tiers(CASES, full={"honest_full_narrative", "untouched_release", "pasted_attention_is_torch_sdpa"})

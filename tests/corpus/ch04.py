@@ -313,13 +313,15 @@ class PositionalEncoding(nn.Module):
         return x * 1.0
 '''
 
-# Never returns once a position beyond 30 is asked for (the test's arbitrary positions are).
+# Never returns once a position beyond 30 is asked for (the test's arbitrary positions are). It
+# sleeps rather than spins: the grader's clock ends it either way (chapter 1's loops spin).
 ROPE_LOOPS_FOREVER = swap(ROPE_POLAR, '''    if d % 2:
         raise ValueError("d_head must be even")
 ''', '''    if d % 2:
         raise ValueError("d_head must be even")
     while int(positions.max()) > 30:
-        pass
+        import time
+        time.sleep(0.05)
 ''')
 
 OK = dict(mha_from_ch03=PASTE, sinusoidal_encoding_answer=SIN_EXP_LOG, positional_encoding_answer=PE_PERSISTENT_FUNCTIONAL,
@@ -386,4 +388,4 @@ CASES = [
 
 tiers(CASES, hostile={"hostile_pe_changes_itself_between_calls", "hostile_pe_huge_buffer", "hostile_pe_attributes_lie",
                       "hostile_rope_never_returns"},
-      full={"reference_full_narrative", "untouched_release", "table_built_on_cpu_in_forward"})
+      full={"reference_full_narrative", "untouched_release"})

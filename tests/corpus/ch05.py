@@ -3,8 +3,8 @@
 helper method, deep-copied layers, an nn.Sequential stack, an attention that attends by itself)
 must get full marks; the classic mistakes get exactly the points their working exercises deserve
 (a layer or a stack built on a failing exercise fails too, and its message names the culprit);
-hostile modules (a stack that changes itself between calls, a huge buffer, parameters that lie
-about what runs, a feed-forward network that never returns) lose only what they break.
+hostile modules (a stack that changes itself between calls, parameters that lie about what runs,
+a feed-forward network that never returns) lose only what they break.
 
 Every submission pastes a chapter-3 multi-head attention of its own into the ungraded cell
 ``mha_from_ch03`` (the reference's ``reference("ch03_multihead")`` does not exist in the student's
@@ -96,9 +96,10 @@ class FeedForward(nn.Module):
 FF_NO_RELU = swap(FF_SEQUENTIAL, "nn.ReLU(), ", "")
 FF_DROPOUT_IN_EVAL = swap(FF_FUNCTIONAL, "p=self.p, training=self.training", "p=self.p")
 
-# An endless loop once the batch is large (the check's dropout-average probe uses 2048 rows).
+# An endless (sleeping) loop once the batch is large (the check's dropout-average probe uses 2048 rows).
 FF_LOOPS_FOREVER = swap(FF_SEQUENTIAL, "        return self.net(x)", '''        while x.shape[0] > 1000:
-            pass
+            import time
+            time.sleep(0.05)
         return self.net(x)''')
 
 # ---- exercise 3 ---------------------------------------------------------------------------------
@@ -212,11 +213,6 @@ ENCODER_CHANGES_ITSELF = swap(ENCODER_DEEPCOPY, '''        for layer in self.lay
         with torch.no_grad():
             self.layers[-1].norm2.weight.mul_(0.5)''')
 
-# A non-persistent buffer of 260 MiB in every stack.
-ENCODER_HUGE_BUFFER = swap(ENCODER_DEEPCOPY, "        self.has_norm = norm_first",
-                           "        self.has_norm = norm_first\n"
-                           "        self.register_buffer(\"ballast\", torch.zeros(65 * 2**20), persistent=False)")
-
 # Registers num_layers separate layers (the parameters look right) and runs the first one every time.
 ENCODER_PARAMETERS_LIE = swap(ENCODER_DEEPCOPY, '''        for layer in self.layers:
             x = layer(x, mask=mask)''', '''        for _ in self.layers:
@@ -287,11 +283,11 @@ CASES = [
     # ---------------------------------------------------------------- hostile
     Case("hostile_encoder_changes_itself_between_calls", without("encoder"),
          fast(ok(encoder_answer=ENCODER_CHANGES_ITSELF))),
-    Case("hostile_encoder_huge_buffer", without("encoder"), fast(ok(encoder_answer=ENCODER_HUGE_BUFFER))),
     Case("hostile_encoder_parameters_lie", without("encoder"), fast(ok(encoder_answer=ENCODER_PARAMETERS_LIE))),
     Case("hostile_ff_never_returns", without("feed_forward"), fast(ok(feed_forward_answer=FF_LOOPS_FOREVER))),
 ]
 
-tiers(CASES, hostile={"hostile_encoder_changes_itself_between_calls", "hostile_encoder_huge_buffer",
-                      "hostile_encoder_parameters_lie", "hostile_ff_never_returns"},
-      full={"reference_full_narrative", "untouched_release", "layer_mask_ignored"})
+# A huge buffer is chapter 4's attack (tests/corpus/ch04.py); a module changing itself, this one's.
+tiers(CASES, hostile={"hostile_encoder_changes_itself_between_calls", "hostile_encoder_parameters_lie",
+                      "hostile_ff_never_returns"},
+      full={"reference_full_narrative", "untouched_release"})

@@ -3,9 +3,8 @@ list of sub-layers with one residual helper, keyword calls, deep-copied or nn.Se
 torch.roll or a loop for the shift, a tril mask that also blanks padding queries) must get full
 marks; the classic mistakes get exactly the points their working exercises deserve (a stack built
 on a failing layer fails too, and its message names the culprit); a missing or buggy paste costs
-the layer and the stack; hostile modules (a stack that changes itself between calls, a huge
-buffer, a stack whose parameters lie about what runs, a shift that never returns) lose only what
-they break.
+the layer and the stack; hostile modules (a stack whose parameters lie about what runs, a shift
+that never returns) lose only what they break.
 
 Every submission pastes a chapter-3 multi-head attention (from chapter 3's corpus) into
 ``mha_from_ch03`` and chapter-5 modules (from chapter 5's corpus) into ``encoder_from_ch05``: the
@@ -159,26 +158,15 @@ INPUTS_DROPS_FIRST = swap(INPUTS_ROLL, "    out = torch.roll(tgt, 1, dims=1)\n  
 
 # ---- hostile ------------------------------------------------------------------------------------
 
-# Right on its first call; every call halves the last layer's last norm gain.
-DECODER_CHANGES_ITSELF = swap(DECODER_DEEPCOPY, '''        for layer in self.layers:
-            x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask)''', '''        for layer in self.layers:
-            x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask)
-        with torch.no_grad():
-            self.layers[-1].norm3.weight.mul_(0.5)''')
-
-# A non-persistent buffer of 260 MiB in every stack.
-DECODER_HUGE_BUFFER = swap(DECODER_DEEPCOPY, "        self.has_norm = norm_first",
-                           "        self.has_norm = norm_first\n"
-                           "        self.register_buffer(\"ballast\", torch.zeros(65 * 2**20), persistent=False)")
-
 # Registers num_layers separate layers (the parameters look right) and runs the first one every time.
 DECODER_PARAMETERS_LIE = swap(DECODER_DEEPCOPY, '''        for layer in self.layers:
             x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask)''', '''        for _ in self.layers:
             x = self.layers[0](x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask)''')
 
-# An endless loop for any start token but the training cell's (11): the check's second case hangs.
+# An endless (sleeping) loop for any start token but the training cell's (11): the check's second case hangs.
 INPUTS_LOOP_FOREVER = swap(INPUTS_ROLL, "    out = torch.roll(tgt, 1, dims=1)", '''    while start_id != 11:
-        pass
+        import time
+        time.sleep(0.05)
     out = torch.roll(tgt, 1, dims=1)''')
 
 OK = dict(mha_from_ch03=MHA_PASTE, encoder_from_ch05=ENCODER_PASTE, decoder_layer_answer=LAYER_SUBLAYERS,
@@ -228,14 +216,12 @@ CASES = [
     Case("shift_drops_wrong_end", without("decoder_inputs"), fast(ok(decoder_inputs_answer=INPUTS_DROPS_FIRST))),
 
     # ---------------------------------------------------------------- hostile
-    Case("hostile_decoder_changes_itself_between_calls", without("decoder"),
-         fast(ok(decoder_answer=DECODER_CHANGES_ITSELF))),
-    Case("hostile_decoder_huge_buffer", without("decoder"), fast(ok(decoder_answer=DECODER_HUGE_BUFFER))),
     Case("hostile_decoder_parameters_lie", without("decoder"), fast(ok(decoder_answer=DECODER_PARAMETERS_LIE))),
     Case("hostile_shift_never_returns", without("decoder_inputs"),
          fast(ok(decoder_inputs_answer=INPUTS_LOOP_FOREVER))),
 ]
 
-tiers(CASES, hostile={"hostile_decoder_changes_itself_between_calls", "hostile_decoder_huge_buffer",
-                      "hostile_decoder_parameters_lie", "hostile_shift_never_returns"},
-      full={"reference_full_narrative", "untouched_release", "layer_causal_mask_in_cross_attention"})
+# A module changing itself between calls is chapter 5's attack, a huge buffer chapter 4's; the
+# weights this chapter's checks map by role, and its own inputs, are attacked here.
+tiers(CASES, hostile={"hostile_decoder_parameters_lie", "hostile_shift_never_returns"},
+      full={"reference_full_narrative", "untouched_release"})

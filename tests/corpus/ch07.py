@@ -4,9 +4,9 @@ distribution or from logsumexp, the schedule in two branches, zero_grad through 
 loop that stops when every sentence has ended, beam search with heapq) must get full marks on what
 they run; the classic mistakes get exactly the points their working exercises deserve (training and
 decoding built on a failing model, loss or schedule fail too, and the message names the culprit); a
-model that was never trained, or trained in the wrong direction, gets no points for exercise 6;
-hostile code (a model whose own answers are looked up from the data module while its weights are
-untrained) loses only what it breaks.
+model that was never trained, or trained in the wrong direction, gets no points for exercise 6,
+and neither does one whose own answers are looked up from the data module while its weights are
+untrained.
 
 Every submission pastes its own chapter 3-6 modules (from those chapters' corpora) into the four
 paste cells. The training cell is locked: nbgrader restores it as released in every submission it
@@ -286,13 +286,14 @@ CASES = [
     Case("greedy_continues_after_end", without("decode", "trained_model"),
          quick(ok(decode_answer=DECODE_AFTER_END))),
 
-    # ---------------------------------------------------------------- hostile (nbgrader restores the training cell)
-    Case("hostile_lookup_model_untrained_weights", without("trained_model"), trained(ok(), after_training=LOOKUP_CHEAT),
-         note="the grader reads the weights, never the model's own answers"),
+    # ---------------------------------------------------------------- answers from the model's own methods
+    Case("lookup_model_untrained_weights", without("trained_model"),
+         then(drop_narrative_code, ok(), insert(LOOKUP_CHEAT, after="train_translator"), delete("train_translator")),
+         note="untrained weights, but its translate() looks every answer up: the grader reads the weights, "
+              "never the model's own answers"),
 ]
 
-# A module that changes itself between calls and a method that never returns are chapters 4-6's
-# hostile cases and tests/test_seam.py's; here each graded submission trains for ~20 s (nbgrader
-# restores the locked training cell), so the attack aimed at this chapter's own surface is kept.
-tiers(CASES, hostile={"hostile_lookup_model_untrained_weights"},
-      full={"reference_full_narrative", "untouched_release", "model_trained_in_the_wrong_direction"})
+# Graded through nbgrader: the reference (it trains there, ~40 s) and the blank release. The
+# module attacks (changing itself between calls, never returning) are chapters 4-6's hostile cases
+# and tests/test_seam.py's; a graded trained model goes through the sandbox in test_seam too.
+tiers(CASES, full={"reference_full_narrative", "untouched_release"})
