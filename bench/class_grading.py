@@ -15,6 +15,7 @@ The last line holds the figures.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -67,16 +68,25 @@ def peaks(course: Path) -> dict[str, float]:
     return found
 
 
-def grade(course: Path, *extra: str) -> tuple[float, float, str]:
-    """(total seconds, grading-phase seconds, output) of one `python -m autograder grade`."""
-    start = time.monotonic()
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent running (user + system, every process), so far:
+    the sandboxes' processes are nobody's children, so rusage cannot count them."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def grade(course: Path, *extra: str) -> tuple[float, float, str, float]:
+    """(total seconds, grading-phase seconds, output, cores busy on average) of one
+    `python -m autograder grade`."""
+    start, cpu = time.monotonic(), busy_seconds()
     run = subprocess.run([sys.executable, "-m", "autograder", "grade", CH, "--course", str(course), *extra],
                          cwd=REPO, capture_output=True, text=True)
-    total = time.monotonic() - start
+    total, cpu = time.monotonic() - start, busy_seconds() - cpu
     if run.returncode != 0:
         raise SystemExit(f"grade {' '.join(extra)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
     phase1 = float(re.search(r"submitted notebooks in (\d+) s", run.stdout).group(1))
-    return total, phase1, run.stdout
+    return total, phase1, run.stdout, cpu / total
 
 
 def main() -> None:
@@ -105,9 +115,10 @@ def main() -> None:
     got = {way: scores(course) for way, course in courses.items()}
     same = got["serial"] == got["workers2"] == got["dask2"] and len(got["serial"]) == args.n
     n = args.n
-    for way, (total, phase1, out) in results.items():
+    for way, (total, phase1, out, cores) in results.items():
         print(f"{way}: {total:.0f} s in all, grading {phase1:.0f} s ({phase1 / n:.2f} s/submission), "
-              f"nbgrader and the rest {total - phase1:.0f} s; peak MiB per worker "
+              f"nbgrader and the rest {total - phase1:.0f} s; {cores:.2f} of {os.cpu_count()} cores busy "
+              f"on average; peak MiB per worker "
               + ", ".join(f"{w} {m:.0f}" for w, m in sorted(peaks(courses[way]).items())))
     serial, w2, d2 = (results[w][1] for w in ("serial", "workers2", "dask2"))
     rest = results["serial"][0] - serial
@@ -115,7 +126,8 @@ def main() -> None:
     shutil.rmtree(base, ignore_errors=True)
     print(f"class_grading: n={n} serial {serial / n:.2f} s/submission, --workers 2 {w2 / n:.2f} "
           f"(x{serial / w2:.2f}), dask 2 workers {d2 / n:.2f} (x{serial / d2:.2f}); same scores all three "
-          f"ways: {same}; peak per worker {worker_peak:.0f} MiB; nbgrader start-up {startup:.1f} s per "
+          f"ways: {same}; cores busy serial {results['serial'][3]:.2f}, --workers 2 "
+          f"{results['workers2'][3]:.2f}; peak per worker {worker_peak:.0f} MiB; nbgrader start-up {startup:.1f} s per "
           f"command, its 3 commands + intake {rest:.0f} s per run vs {serial:.0f} s of serial grading")
 
 

@@ -36,6 +36,26 @@ class TestIsolation:
         run = sandbox.run_cell(f"import os; print(sorted(os.listdir({str(REPO)!r})))")
         assert "solutions" not in run.stdout and "tests" not in run.stdout
 
+    def test_matplotlib_finds_the_lent_font_list_and_cannot_change_it(self, sandbox):
+        """The grader builds matplotlib's font list once and lends it read-only: pyplot imports
+        without rebuilding it (0.7 s a submission otherwise), and a student cannot poison the
+        copy the next student's sandbox reads."""
+        run = sandbox.run_cell(
+            "import os, glob\n"
+            "lent = glob.glob('/tmp/mpl/fontlist-*.json')\n"
+            "before = [os.stat(p).st_mtime_ns for p in lent]\n"
+            "import matplotlib.pyplot as plt\n"
+            "plt.figure(); plt.title('fonts'); plt.savefig('/tmp/fonts.png')\n"
+            "print(len(lent), before == [os.stat(p).st_mtime_ns for p in lent], os.access(lent[0], os.W_OK))\n"
+            "try:\n"
+            "    open(lent[0], 'w')\n"
+            "    print('written')\n"
+            "except OSError:\n"
+            "    print('refused')\n")
+        assert run.status == "ok", run.error
+        assert run.stdout.split() == ["1", "True", "False", "refused"], run.stdout
+        assert "font cache" not in run.stderr.lower(), run.stderr
+
     def test_has_no_network(self, sandbox):
         run = sandbox.run_cell("import socket; socket.create_connection(('127.0.0.1', 22), timeout=1)")
         assert run.status == "error" and ("unreachable" in run.error or "refused" in run.error)
