@@ -6,9 +6,10 @@ answers written several ways, wrong ones, hostile ones (tests rewritten to pass,
 to everything, a patched ``allclose``), the untouched release with its demo cells, and a slow one
 (an infinite loop in a tested function, stopped by the per-call limit). Reported: seconds per
 submission of the grading phase each way and the speed-ups, whether all three gradebooks hold the
-same scores, the peak memory of each worker (its own and its largest sandbox's), and what
-nbgrader's own three runs (replaying the results, feedback, export) cost against the grading.
-The last line holds the figures.
+same scores, the peak memory of each worker (its own and its largest sandbox's), what nbgrader's
+own three runs (replaying the results, feedback, export) cost against the grading, and how many
+cores the whole machine kept busy on average during each run (run it on an idle machine: the
+figure counts every process). The last line holds the figures.
 
     python bench/class_grading.py [--n 200] [--cell-timeout 10]
 """
