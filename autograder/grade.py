@@ -178,6 +178,8 @@ class _Grading:
         left = self.deadline - time.monotonic()
         training = meta(cell).get("grade_id") in self.chapter.training_ids
         limit = self.chapter.training_seconds if training else self.sandbox.limits.cell_seconds
+        if not self.sandbox.alive:   # killed by the cell before (a test's answer too large, say)
+            self.sandbox.restart()
         run = self.sandbox.run_cell(source(cell), timeout=min(limit, left))
         outputs = self.outputs.stream(run.stdout) + self.outputs.stream(run.stderr, "stderr")
         if run.status in ("timeout", "crashed"):

@@ -98,3 +98,29 @@ def test_a_training_cell_binds_names_by_unpacking_too():
     from autograder.notebook import assigned_names
     code = "model, (history, *rest) = train()\nsteps: int = 3\nsteps += 1\n[a, b] = 1, 2\ndef f(): pass\n"
     assert assigned_names(code) == ["f", "model", "history", "rest", "steps", "a", "b"]
+
+
+def test_a_cell_after_a_killed_process_runs_in_a_fresh_one():
+    """A test whose answer is too large kills the student's process. The next cell (the next
+    exercise's class, say) runs in a restarted process: sent to the dying one, it would fail and
+    be dropped from the replay, and the next exercise would find its name undefined."""
+    from autograder.sandbox.process import CellRun, Limits
+
+    class KilledSandbox:
+        alive, limits = False, Limits()
+
+        def __init__(self):
+            self.calls = []
+
+        def restart(self):
+            self.calls.append("restart")
+            self.alive = True
+
+        def run_cell(self, src, timeout=None):
+            self.calls.append(("run", self.alive))
+            return CellRun("ok") if self.alive else CellRun("crashed", error="not running")
+
+    sandbox = KilledSandbox()
+    run = grade._Grading(released(), chapter(), sandbox, budget_seconds=60)
+    run.cell(1, nbformat.v4.new_code_cell("class Embeddings: pass"))
+    assert sandbox.calls == ["restart", ("run", True)]

@@ -96,6 +96,16 @@ class TestLimitsAndRecovery:
         sandbox.restart()
         assert sandbox.run_cell("print(survivor)").stdout.strip() == "7"
 
+    def test_a_killed_sandbox_is_not_alive_even_before_the_kernel_reaps_it(self, sandbox):
+        """The grader asks ``alive`` right after killing (an answer too large): a process that is
+        dying but not yet reaped must not be handed the next cell."""
+        sandbox.run_cell("kept = 1")
+        sandbox.kill()
+        assert not sandbox.alive
+        assert sandbox.run_cell("x = 1").status == "crashed"
+        sandbox.restart()
+        assert sandbox.alive and sandbox.run_cell("print(kept)").stdout.strip() == "1"
+
     def test_os_exit_is_reported(self, sandbox):
         run = sandbox.run_cell("import os; os._exit(3)")
         assert run.status == "crashed" and "exited with status 3" in run.error

@@ -123,6 +123,7 @@ class Sandbox:
         self.restarts = 0
         self.last_peak_bytes: int | None = None    # of the last request made with measure_memory
         self.proc: subprocess.Popen | None = None
+        self._killed = False    # set the moment kill() is called: SIGKILL is not instant
         self._cuda = torch.cuda.is_available()
         self._scratch = Path(tempfile.mkdtemp(prefix="afs-sandbox-"))
 
@@ -220,6 +221,7 @@ class Sandbox:
         self._from_child, from_child_w = os.pipe()
         self._log = open(self._scratch / f"stderr{self.restarts}.log", "wb")
         root = self._identity.host_uid is not None
+        self._killed = False
         self.proc = subprocess.Popen(
             self._command(to_child_r, from_child_w),
             pass_fds=(to_child_r, from_child_w, *self._identity.pass_fds),
@@ -242,7 +244,10 @@ class Sandbox:
             raise SandboxUnavailable(f"the sandbox did not start: {exc}\n{log}") from None
 
     def kill(self) -> None:
-        """Kill the whole sandbox (bubblewrap's pid namespace dies with it). Safe from any thread."""
+        """Kill the whole sandbox (bubblewrap's pid namespace dies with it). Safe from any thread.
+        From this call on the sandbox is not ``alive``, even while the kernel is still reaping it:
+        otherwise the next cell could be sent to a process about to vanish, and be dropped."""
+        self._killed = True
         if self.proc and self.proc.poll() is None:
             for pid in [*descendants(self.proc.pid), self.proc.pid]:
                 try:
@@ -302,7 +307,7 @@ class Sandbox:
 
     @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and not self._killed and self.proc.poll() is None
 
     # -- protocol --------------------------------------------------------------------------------
     def _death(self) -> str:
