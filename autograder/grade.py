@@ -13,7 +13,6 @@ import io
 import logging
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
@@ -22,26 +21,12 @@ from .checks.core import CheckFailure
 from .checks.scan import used_code
 from .notebook import Chapter, meta, source, strip_magics
 from .reference import solutions_at
+from .report import Report, Verdict
 from .sandbox.process import Limits, Sandbox, SandboxUnavailable
 from .sandbox.proxy import OutOfTime, Session, StudentError, make_proxy
 from .sandbox.wire import clean_text
 
 log = logging.getLogger("autograder")
-
-
-@dataclass
-class Verdict:
-    grade_id: str
-    passed: bool
-    message: str
-    seconds: float
-
-
-@dataclass
-class Report:
-    verdicts: list[Verdict] = field(default_factory=list)
-    events: list[str] = field(default_factory=list)   # crashes, timeouts, restarts
-    seconds: float = 0.0
 
 
 class _Missing:

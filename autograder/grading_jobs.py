@@ -150,7 +150,7 @@ def replay(nb, result: dict):
     """Put ``result``'s outputs on ``nb``'s code cells (in place); return its Report."""
     import nbformat
 
-    from .grade import Report, Verdict
+    from .report import Report, Verdict
 
     for index, outputs in result["outputs"].items():
         cell = nb.cells[int(index)]

@@ -124,3 +124,22 @@ def test_a_cell_after_a_killed_process_runs_in_a_fresh_one():
     run = grade._Grading(released(), chapter(), sandbox, budget_seconds=60)
     run.cell(1, nbformat.v4.new_code_cell("class Embeddings: pass"))
     assert sandbox.calls == ["restart", ("run", True)]
+
+
+def test_replaying_a_result_in_nbgrader_does_not_import_torch():
+    """nbgrader's autograde only replays what the class run graded: importing torch there costs
+    ~3 s of CPU per grading run for nothing."""
+    import subprocess
+
+    code = ("import sys, nbformat\n"
+            "from autograder.nbgrader_plugin import SandboxedGrading\n"
+            "from autograder.grading_jobs import replay\n"
+            "nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('x = 1')])\n"
+            "report = replay(nb, {'outputs': {'0': [{'output_type': 'stream', 'name': 'stdout', 'text': 'hi'}]},\n"
+            "                     'verdicts': [{'grade_id': 't', 'passed': True, 'message': 'ok', 'seconds': 0.1}],\n"
+            "                     'events': [], 'seconds': 0.1})\n"
+            "assert report.verdicts[0].passed and nb.cells[0].outputs[0].text == 'hi'\n"
+            "print('torch' in sys.modules)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "False"
