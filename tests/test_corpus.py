@@ -45,8 +45,10 @@ def write_submission(course: Path, chapter: str, case) -> None:
 
 
 # Submissions per grading run, and runs at a time: much of a hostile case's time is spent waiting
-# for a limit (a cell's timeout, a test's deadline), so three runs share the two cores well.
-SHARD, RUNS_AT_ONCE = 18, 3
+# for a limit (a cell's timeout, a test's deadline), so three runs share the two cores well. Each
+# run costs ~15 s of CPU before and after its submissions (nbgrader's commands, the sandbox probe),
+# so a chapter's cases go in as few runs as keep the longest one short of the rest together.
+SHARD, RUNS_AT_ONCE = 36, 3
 # Chapter 1's cells and tests take a second or two, so its limits are tighter: the attacks that
 # run until a limit (loops, slow calls, fork bombs) then cost half as much. 10 s elsewhere.
 CELL_TIMEOUT = {"ch01_attention": 5.0, "ch01_attacks": 5.0}

@@ -293,7 +293,8 @@ CASES = [
               "never the model's own answers"),
 ]
 
-# Graded through nbgrader: the reference (it trains there, ~40 s) and the blank release. The
-# module attacks (changing itself between calls, never returning) are chapters 4-6's hostile cases
-# and tests/test_seam.py's; a graded trained model goes through the sandbox in test_seam too.
-tiers(CASES, full={"reference_full_narrative", "untouched_release"})
+# Graded through nbgrader: the reference (it trains there, ~40 s; not again in the fast tier, as
+# tests/test_chapters.py trains the reference in-process) and the blank release, in both tiers.
+# The module attacks (changing itself between calls, never returning) are chapters 4-6's hostile
+# cases and tests/test_seam.py's; a graded trained model goes through the sandbox in test_seam too.
+tiers(CASES, full={"untouched_release"}, full_only={"reference_full_narrative"})

@@ -23,6 +23,9 @@ class Case:
     full: bool = False
     # Attacks, crashes, limits: graded only through nbgrader and the sandbox, never in-process.
     hostile: bool = False
+    # Graded in-process by the fast tier too (a full case whose notebook trains is not: the
+    # training would cost as much again there, and tests/test_chapters.py trains the reference).
+    in_fast_tier: bool = True
 
     @property
     def through_nbgrader(self) -> bool:
@@ -149,17 +152,19 @@ def raw(data: bytes):
     return lambda nb: data
 
 
-def tiers(cases: list[Case], *, hostile=(), full=()) -> list[Case]:
+def tiers(cases: list[Case], *, hostile=(), full=(), full_only=()) -> list[Case]:
     """Mark which cases go through nbgrader and the sandbox: ``hostile`` ones only there (attacks,
     crashes, limits, tampered notebooks), ``full`` ones there *and* in the fast tier (the
-    reference with its narrative, the blank release, one mistake as a cross-check). Every other
-    case is graded by the fast tier only. Names must exist: a typo fails loudly."""
+    reference with its narrative, the blank release), ``full_only`` ones there and not in the fast
+    tier (a reference whose narrative trains for tens of seconds). Every other case is graded by
+    the fast tier only. Names must exist: a typo fails loudly."""
     names = {c.name for c in cases}
-    unknown = (set(hostile) | set(full)) - names
+    unknown = (set(hostile) | set(full) | set(full_only)) - names
     assert not unknown, f"no such cases: {sorted(unknown)}"
     for case in cases:
         case.hostile = case.hostile or case.name in hostile
-        case.full = case.full or case.name in full
+        case.full = case.full or case.name in full or case.name in full_only
+        case.in_fast_tier = case.in_fast_tier and case.name not in full_only
     return cases
 
 

@@ -13,5 +13,5 @@ CORPORA = {"ch01_attention": ch01.CASES, "ch01_attacks": attacks.CASES, "ch02_ma
 CHAPTER = {"ch01_attacks": "ch01_attention"}
 FULL_TIER = {group: [c for c in cases if c.through_nbgrader] for group, cases in CORPORA.items()}
 # A case that only makes sense on disk (a file name, planted files) is graded through nbgrader only.
-FAST_TIER = {group: [c for c in cases if not c.hostile and c.filename is None and c.setup is None]
+FAST_TIER = {group: [c for c in cases if not c.hostile and c.in_fast_tier and c.filename is None and c.setup is None]
              for group, cases in CORPORA.items()}
