@@ -21,10 +21,12 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+from traitlets.config import Config
 
 from .course import CHAPTERS, REPO, ensure_tools_on_path, notebook_in, released_notebook, source_notebook
 from .notebook import is_solution, is_test, source
@@ -53,13 +55,19 @@ def execute_source(chapter: str, timeout: int = 600):
 
 
 def _execute(path: Path, timeout: int):
+    """Run the notebook in a kernel that talks to this process over Unix sockets in a private
+    folder, not localhost TCP: no port another local user could reach, and no "running over TCP
+    without encryption" warning from every kernel in the build's output."""
     nb = nbformat.read(path, as_version=4)
     # Figures must come out inline whatever the caller's MPLBACKEND says (Agg would draw nothing).
     old = os.environ.get("MPLBACKEND")
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     try:
-        NotebookClient(nb, kernel_name="python3", timeout=timeout,
-                       resources={"metadata": {"path": str(path.parent)}}).execute()
+        with tempfile.TemporaryDirectory(prefix="afs-kernel-") as sockets:
+            # Absolute: the kernel runs in the notebook's folder, the client here.
+            config = Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(sockets, "k")}})
+            NotebookClient(nb, kernel_name="python3", timeout=timeout, config=config,
+                           resources={"metadata": {"path": str(path.parent)}}).execute()
     finally:
         if old is None:
             os.environ.pop("MPLBACKEND", None)

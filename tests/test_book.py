@@ -239,3 +239,21 @@ def test_math_is_typeset_in_a_browser_with_no_network(html):
     assert spans > 10
     assert dom.count('class="mjx-chtml') >= spans, "MathJax did not typeset the page"
     assert not re.search(r'nohighlight">\s*\\[(\[]', dom), "raw TeX left on the page"
+
+
+def test_the_build_talks_to_its_kernels_over_unix_sockets(tmp_path):
+    """Not localhost TCP: no port another user on the machine could reach, and no "running over
+    TCP without encryption" warning from every kernel in the build's output."""
+    import subprocess
+    import sys
+
+    import nbformat
+
+    path = tmp_path / "tiny.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")]), path)
+    code = (f"from pathlib import Path\nfrom autograder.book import _execute\n"
+            f"nb = _execute(Path({str(path)!r}), 120)\nprint(nb.cells[0].outputs[0].text.strip())\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "42"
+    assert "over TCP" not in run.stderr, run.stderr[-2000:]
