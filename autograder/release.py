@@ -33,9 +33,20 @@ def generate(out_dir: Path, chapters=CHAPTERS, solutions: Path = SOLUTIONS) -> N
         c.CourseDirectory.db_url = f"sqlite:///{tmp}/release.db"
         api = NbGraderAPI(CourseDirectory(config=c), config=c)
         for chapter in chapters:
+            strays = _not_files(solutions / chapter)
+            if strays:
+                raise RuntimeError(f"cannot release {chapter}: nbgrader copies every file beside the notebook and "
+                                   f"cannot copy these, which are not regular files (a kernel's sockets, a FIFO?): "
+                                   f"{', '.join(str(p) for p in strays)}. Remove them.")
             result = api.generate_assignment(chapter, force=True, create=True)
             if not result["success"]:
                 raise RuntimeError(f"nbgrader could not release {chapter}:\n{result['log']}\n{result.get('error', '')}")
+
+
+def _not_files(folder: Path) -> list[Path]:
+    """Entries under ``folder`` that are neither files nor folders (sockets, FIFOs, devices,
+    broken links): nbgrader would fail on them with an unrelated-looking OSError."""
+    return sorted(p for p in folder.rglob("*") if not (p.is_file() or p.is_dir())) if folder.is_dir() else []
 
 
 def _files(folder: Path) -> list[Path]:

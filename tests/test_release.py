@@ -45,3 +45,19 @@ def test_released_notebook_has_stubs_and_no_markers(chapter):
     assert "YOUR CODE HERE" in text and "raise NotImplementedError()" in text
     for marker in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "reference(\\\""):
         assert marker not in text, marker
+
+
+def test_a_socket_or_fifo_in_solutions_fails_with_a_clear_message(tmp_path):
+    """A kernel started in a chapter's folder can leave its IPC sockets there; nbgrader would then
+    fail with "No such device or address" deep in a traceback."""
+    import os
+    import shutil
+
+    from autograder.release import generate
+
+    solutions = tmp_path / "solutions"
+    shutil.copytree(REPO / "solutions" / "ch02_masking", solutions / "ch02_masking")
+    os.mkfifo(solutions / "ch02_masking" / "kernel-ipc-1")
+    with pytest.raises(RuntimeError, match=r"cannot release ch02_masking: .*kernel-ipc-1\. Remove them\."):
+        generate(tmp_path / "out", ["ch02_masking"], solutions=solutions)
+    assert not (tmp_path / "out" / "ch02_masking").exists()
