@@ -139,14 +139,15 @@ class _Grading:
             cell.outputs = [_error_output("GradingTimeout", msg)]
             if gid in self.exercises:
                 self.report.verdicts.append(Verdict(gid, False, msg, 0.0))
-        elif gid in self.exercises and meta(cell).get("grade"):
-            self.test_cell(index, cell, self.exercises[gid])
         else:
-            self.student_cell(index, cell)
+            if not self.sandbox.alive:   # killed by the cell before (a test's answer too large, say)
+                self.sandbox.restart()
+            if gid in self.exercises and meta(cell).get("grade"):
+                self.test_cell(index, cell, self.exercises[gid])
+            else:
+                self.student_cell(index, cell)
 
     def test_cell(self, index: int, cell, exercise) -> None:
-        if not self.sandbox.alive:
-            self.sandbox.restart()
         verdict = run_test(self.sandbox, self.chapter, exercise, self.nb, self.base_ns, index, self.deadline)
         self.sandbox.stop_strays()
         verdict.message = clean_text(verdict.message, 10_000)
@@ -163,8 +164,6 @@ class _Grading:
         left = self.deadline - time.monotonic()
         training = meta(cell).get("grade_id") in self.chapter.training_ids
         limit = self.chapter.training_seconds if training else self.sandbox.limits.cell_seconds
-        if not self.sandbox.alive:   # killed by the cell before (a test's answer too large, say)
-            self.sandbox.restart()
         run = self.sandbox.run_cell(source(cell), timeout=min(limit, left))
         outputs = self.outputs.stream(run.stdout) + self.outputs.stream(run.stderr, "stderr")
         if run.status in ("timeout", "crashed"):
