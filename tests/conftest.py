@@ -52,6 +52,11 @@ def nbgrader(course: Path, *args: str, check: bool = True) -> subprocess.Complet
     return result
 
 
+# Every corpus notebook's grading budget (``SandboxedGrading.notebook_timeout``), before the
+# chapter's training cells add theirs.
+NOTEBOOK_TIMEOUT = 240
+
+
 def make_course(root: Path, chapters=CHAPTERS, cell_timeout: float = 10.0) -> Path:
     """A temporary nbgrader course whose source directory is the repository's solutions/."""
     write_course_config(root, cell_timeout)
@@ -77,7 +82,7 @@ def write_course_config(root: Path, cell_timeout: float) -> None:
         f"exchange={str(root / 'exchange')!r})\n"
         f"c.SandboxedGrading.cell_timeout = {cell_timeout}\n"
         f"c.SandboxedGrading.test_timeout = {3 * cell_timeout}\n"
-        "c.SandboxedGrading.notebook_timeout = 240\n")
+        f"c.SandboxedGrading.notebook_timeout = {NOTEBOOK_TIMEOUT}\n")
 
 
 def grade(course: Path, assignment: str) -> subprocess.CompletedProcess:

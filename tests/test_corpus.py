@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, copy_course, grade, make_course, needs_bwrap, needs_jupyter, scores
+from conftest import NOTEBOOK_TIMEOUT, REPO, copy_course, grade, make_course, needs_bwrap, needs_jupyter, scores
 from corpus.groups import CHAPTER, CORPORA, FULL_TIER
 
 pytestmark = [needs_jupyter, needs_bwrap, pytest.mark.slow]
@@ -101,6 +101,19 @@ def graded(tmp_path_factory):
     return results
 
 
+# Seconds a run may take past its budget: the last cell's limit is checked between cells, and
+# stopping the sandbox and writing the report follow.
+TEARDOWN_SLACK = 60
+
+
+def _training_budget(chapter: str) -> float:
+    from autograder.course import source_notebook
+    from autograder.notebook import read_chapter
+
+    nb = read_chapter(source_notebook(chapter))
+    return nb.training_seconds * len(nb.training_ids)
+
+
 def _log(g) -> str:
     return "\n".join(run.stdout[-2000:] for run in g["runs"])
 
@@ -120,7 +133,11 @@ def test_corpus_grades_in_bounded_time_and_touches_nothing_else(graded, chapter)
     print(f"\n{chapter}: {len(g['times'])} submissions in {g['elapsed']:.0f} s of grading runs; per submission "
           f"median {statistics.median(g['times'].values()):.1f} s; slowest "
           + ", ".join(f"{name} {t:.1f} s" for name, t in slowest))
-    assert max(g["times"].values()) < 120
+    # No submission outlives the budget the grader gives a notebook (plus its training cells'): that
+    # bound is the grader's, so it holds on any machine; how fast grading is lives in bench/.
+    budget = NOTEBOOK_TIMEOUT + _training_budget(CHAPTER.get(chapter, chapter))
+    over = {name: t for name, t in g["times"].items() if t > budget + TEARDOWN_SLACK}
+    assert not over, f"graded past the notebook's budget of {budget:g} s: {over}"
     assert not [p for c in g["courses"] for p in c.rglob("pwned.txt")], "a submission wrote into another student's folder"
     feedback = [p for c in g["courses"] for p in (c / "feedback").rglob("*.html")]
     assert len(feedback) == len(FULL_TIER[chapter])

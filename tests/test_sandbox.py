@@ -78,7 +78,8 @@ class TestLimitsAndRecovery:
         sandbox.run_cell("kept = 'yes'")
         start = time.monotonic()
         run = sandbox.run_cell("while True:\n    pass")
-        assert run.status == "timeout" and time.monotonic() - start < 10
+        # The loop never ends: the cell's 3 s limit stopped it (a wide margin for a loaded machine).
+        assert run.status == "timeout" and time.monotonic() - start < 30
         assert sandbox.run_cell("print(kept)").stdout.strip() == "yes"
 
     def test_memory_limit(self, sandbox):
@@ -264,12 +265,12 @@ class TestLimitsOverTheWholeSubmission:
         slow = make_proxy(Session(sandbox, deadline=time.monotonic() + 2.5), "slow", "")
         start = time.monotonic()
         with pytest.raises(OutOfTime):
-            for _ in range(10):
+            for _ in range(30):
                 try:
                     slow(torch.ones(1))
                 except Exception:   # a check's `except Exception` must not swallow the deadline
                     pass
-        assert time.monotonic() - start < 4
+        assert time.monotonic() - start < 15, "the calls ran on past the test cell's deadline (30 s of them)"
 
     def test_a_malformed_reply_is_the_students_failure(self, sandbox):
         sandbox.run_cell("import sys, torch\nw = sys.modules['autograder.sandbox.wire']\nreal = w.write_frame\n"
