@@ -201,6 +201,27 @@ def test_reference_equals_nn_transformer_with_copied_weights(dtype, norm_first):
         torch.testing.assert_close(a, b, **tol)
 
 
+def test_the_kept_nn_transformer_carries_no_weights_from_one_call_to_the_next():
+    """``torch_transformer`` keeps one nn.Transformer per size and thread: each call still gives the
+    logits of the weights it is handed, and another thread gets a module of its own."""
+    import threading
+
+    src, tgt_in, src_mask, tgt_mask = ch07._batch("cpu", 4, vocab=17)
+    for seed in (4, 5):
+        torch.manual_seed(seed)
+        model = R7.Transformer(17, 2, 16, 4, 24, 0.0, 32, False).eval()
+        params = dict(model.named_parameters())
+        c = {k: params[v].detach() for k, v in ch07.model_names(model, 2, False, "the reference").items()}
+        torch.testing.assert_close(ch07.torch_transformer(c, 4, False, src, tgt_in, src_mask, tgt_mask),
+                                   model(src, tgt_in, src_mask, tgt_mask), rtol=1e-5, atol=1e-5)
+    here = ch07._torch_shell(16, 4, 24, 2, False, torch.float32, "cpu")
+    there = []
+    thread = threading.Thread(target=lambda: there.append(ch07._torch_shell(16, 4, 24, 2, False, torch.float32, "cpu")))
+    thread.start()
+    thread.join()
+    assert here is ch07._torch_shell(16, 4, 24, 2, False, torch.float32, "cpu") and there[0] is not here
+
+
 # --------------------------------------------------------------------------------------------
 # Exercise 2: LabelSmoothingLoss
 # --------------------------------------------------------------------------------------------

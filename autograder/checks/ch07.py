@@ -18,6 +18,7 @@ Expected values come from PyTorch and plain tensor code, never from the course's
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,30 @@ def _float_mask(mask, b: int, heads: int, lt: int):
     return torch.zeros(m.shape, device=m.device).masked_fill(~m, float("-inf"))
 
 
+_shells = threading.local()
+
+
+def _torch_shell(d: int, heads: int, d_ff: int, n: int, norm_first: bool, dtype, device) -> nn.Transformer:
+    """An nn.Transformer of these sizes, built once per thread and kept: building one costs ~45 ms
+    (it deep-copies its layers and initialises them), a greedy check calls ``torch_transformer`` once
+    per step, and ``functional_call`` supplies every weight, so the shell's own are never used.
+    Per thread because ``functional_call`` swaps the weights in and out of the module."""
+    cache = _shells.__dict__.setdefault("cache", {})
+    key = (d, heads, d_ff, n, norm_first, dtype, str(device))
+    if key not in cache:
+        def norm():
+            return nn.LayerNorm(d) if norm_first else None
+
+        enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, heads, d_ff, 0.0, batch_first=True,
+                                                               norm_first=norm_first), n, norm=norm(),
+                                    enable_nested_tensor=False)
+        dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(d, heads, d_ff, 0.0, batch_first=True,
+                                                               norm_first=norm_first), n, norm=norm())
+        model = nn.Transformer(d, heads, custom_encoder=enc, custom_decoder=dec, dropout=0.0, batch_first=True)
+        cache[key] = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return cache[key]
+
+
 def torch_transformer(c: dict, heads: int, norm_first: bool, src, tgt_in, src_mask=None, tgt_mask=None,
                       kind: str = "right"):
     """Logits (B, L_t, V) of nn.Transformer holding the canonical weights ``c`` (gradients flow to
@@ -134,16 +159,7 @@ def torch_transformer(c: dict, heads: int, norm_first: bool, src, tgt_in, src_ma
     x = F.embedding(src, weight) * scale + table[:src.shape[1]]
     y = F.embedding(tgt_in, weight) * scale + (0 if kind == "no_target_positions" else table[:tgt_in.shape[1]])
 
-    def norm():
-        return nn.LayerNorm(d) if norm_first else None
-
-    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, heads, d_ff, 0.0, batch_first=True,
-                                                           norm_first=norm_first), n, norm=norm(),
-                                enable_nested_tensor=False)
-    dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(d, heads, d_ff, 0.0, batch_first=True,
-                                                           norm_first=norm_first), n, norm=norm())
-    model = nn.Transformer(d, heads, custom_encoder=enc, custom_decoder=dec, dropout=0.0, batch_first=True)
-    model = model.to(device=weight.device, dtype=weight.dtype).eval()
+    model = _torch_shell(d, heads, d_ff, n, norm_first, weight.dtype, weight.device)
     weights = {**_stack_weights(c, "encoder", n, norm_first, _encoder_layer_params),
                **_stack_weights(c, "decoder", n, norm_first, _decoder_layer_params)}
     kwargs = {}
@@ -157,9 +173,10 @@ def torch_transformer(c: dict, heads: int, norm_first: bool, src, tgt_in, src_ma
         if kind == "memory_from_embeddings":
             out = functional_call(model.decoder, {k[len("decoder."):]: v for k, v in weights.items()
                                                   if k.startswith("decoder.")},
-                                  (y, x), {k: v for k, v in kwargs.items() if k in ("tgt_mask", "memory_key_padding_mask")})
+                                  (y, x), {k: v for k, v in kwargs.items() if k in ("tgt_mask", "memory_key_padding_mask")},
+                                  strict=True)
         else:
-            out = functional_call(model, weights, (x, y), kwargs)
+            out = functional_call(model, weights, (x, y), kwargs, strict=True)    # every weight is ours
     logits = F.linear(out, weight, c["generator.bias"])
     if kind == "returns_log_probabilities":
         return torch.log_softmax(logits, -1)
