@@ -44,7 +44,7 @@ class SandboxedGrading(NbGraderPreprocessor):
         data = sorted(str(p) for p in release_dir.glob("*") if p.is_file() and p.suffix != ".ipynb") \
             if release_dir.is_dir() else []
         # Training cells get their own limit on top of the notebook's (and the CPU time to match).
-        budget = self.notebook_timeout + chapter.training_seconds * len(chapter.training_ids)
+        budget = self.notebook_timeout + chapter.training_budget
         limits = Limits(memory_bytes=int(self.memory_gib * 2**30), cpu_seconds=max(self.cpu_seconds, int(budget)),
                         cell_seconds=self.cell_timeout, test_seconds=self.test_timeout,
                         disk_bytes=self.disk_mib * 2**20, processes=self.max_processes)

@@ -124,6 +124,11 @@ class Chapter:
     def api(self) -> list[str]:
         return [name for ex in self.exercises for name in ex.api]
 
+    @property
+    def training_budget(self) -> float:
+        """Seconds the training cells may take together, on top of a notebook's grading budget."""
+        return self.training_seconds * len(self.training_ids)
+
 
 def read_cells(path: str | Path) -> list[dict]:
     """A notebook's cells as plain dicts (plain JSON: the GPU graders have no nbformat)."""

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from autograder.course import source_notebook
+from autograder.notebook import read_chapter
 from conftest import NOTEBOOK_TIMEOUT, REPO, copy_course, grade, make_course, needs_bwrap, needs_jupyter, scores
 from corpus.groups import CHAPTER, CORPORA, FULL_TIER
 
@@ -74,9 +76,6 @@ def graded(tmp_path_factory):
             shards.append((group, chapter, course))
     # Longest first: a chapter whose notebook trains (chapter 7's reference, ~40 s), then by number
     # of submissions.
-    from autograder.course import source_notebook
-    from autograder.notebook import read_chapter
-
     trains = {chapter: bool(read_chapter(source_notebook(chapter)).training_ids) for chapter in chapters}
     shards.sort(key=lambda shard: (not trains[shard[1]], -len(list((shard[2] / "submitted").iterdir()))))
 
@@ -106,14 +105,6 @@ def graded(tmp_path_factory):
 TEARDOWN_SLACK = 60
 
 
-def _training_budget(chapter: str) -> float:
-    from autograder.course import source_notebook
-    from autograder.notebook import read_chapter
-
-    nb = read_chapter(source_notebook(chapter))
-    return nb.training_seconds * len(nb.training_ids)
-
-
 def _log(g) -> str:
     return "\n".join(run.stdout[-2000:] for run in g["runs"])
 
@@ -135,7 +126,7 @@ def test_corpus_grades_in_bounded_time_and_touches_nothing_else(graded, chapter)
           + ", ".join(f"{name} {t:.1f} s" for name, t in slowest))
     # No submission outlives the budget the grader gives a notebook (plus its training cells'): that
     # bound is the grader's, so it holds on any machine; how fast grading is lives in bench/.
-    budget = NOTEBOOK_TIMEOUT + _training_budget(CHAPTER.get(chapter, chapter))
+    budget = NOTEBOOK_TIMEOUT + read_chapter(source_notebook(CHAPTER.get(chapter, chapter))).training_budget
     over = {name: t for name, t in g["times"].items() if t > budget + TEARDOWN_SLACK}
     assert not over, f"graded past the notebook's budget of {budget:g} s: {over}"
     assert not [p for c in g["courses"] for p in c.rglob("pwned.txt")], "a submission wrote into another student's folder"

@@ -111,7 +111,7 @@ def main(*jobs: str) -> int:
         chapter = read_chapter(source_notebook(chapter_id))
         base_ns: dict = {"__name__": "__grader__"}
         exec(compile(strip_magics(chapter.imports_source), "<imports>", "exec"), base_ns)  # noqa: S102
-        budget = SECONDS_PER_CASE + chapter.training_seconds * len(chapter.training_ids)
+        budget = SECONDS_PER_CASE + chapter.training_budget
         pending += [(folder, path, chapter, base_ns, budget) for path in sorted(Path(folder).glob("*.ipynb"))]
     running: dict[int, tuple[str, str, int, float]] = {}
     results: dict[str, dict] = {folder: {} for folder in (job.split("=", 1)[1] for job in jobs)}
